@@ -1,0 +1,86 @@
+"""The ``"interlocking"`` block of a DeepSpeed JSON config, parsed and validated.
+
+    "interlocking": {"k": 3, "combine": "furthest", "aux_loss_weight": 1.0}
+
+Everything here is checked when the engine starts, so a typo fails in seconds,
+not after an hour of training.
+"""
+from dataclasses import dataclass
+import numbers
+
+BLOCK = "interlocking"
+K_NAMES = {"local": 1, "pairwise": 2, "3wise": 3}   # "global" means k = S, resolved per model
+COMBINE_MODES = ("furthest", "sum")
+SCHEDULES = ("1f1b",)
+
+
+class InterlockingConfigError(ValueError, TypeError):
+    """A configuration that cannot work. Subclasses both ValueError and TypeError
+    so callers catching either see it."""
+
+
+@dataclass(frozen=True)
+class InterlockingConfig:
+    k: object = "global"            # int >= 1 or one of K_NAMES / "global"
+    combine: str = "furthest"
+    aux_loss_weight: float = 1.0
+    schedule: str = "1f1b"          # order of work per stage, see schedule.py
+
+    def resolve_k(self, num_stages):
+        """k as an integer in 1..S (k > S behaves exactly like k = S)."""
+        k = num_stages if self.k == "global" else K_NAMES.get(self.k, self.k)
+        return min(int(k), num_stages)
+
+
+def _fail(key, msg):
+    raise InterlockingConfigError(f'"{BLOCK}.{key}": {msg}')
+
+
+def parse_k(value):
+    if isinstance(value, bool):
+        _fail("k", f"expected an integer >= 1 or one of {sorted(K_NAMES) + ['global']}, got {value!r}")
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in K_NAMES or v == "global":
+            return v
+        if v.isdigit():
+            value = int(v)
+        else:
+            _fail("k", f"unknown name {value!r}; use an integer >= 1 or one of "
+                  f"{sorted(K_NAMES) + ['global']}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, numbers.Integral):
+        _fail("k", f"expected an integer >= 1, got {value!r}")
+    if value < 1:
+        _fail("k", f"must be >= 1 (1 = local learning, S = global backprop), got {value}")
+    return int(value)
+
+
+def from_ds_config(ds_config):
+    """Parse the block from a DeepSpeed config dict. A missing block means k = "global"."""
+    block = (ds_config or {}).get(BLOCK)
+    if block is None:
+        return InterlockingConfig()
+    if not isinstance(block, dict):
+        raise InterlockingConfigError(f'"{BLOCK}": expected an object, got {type(block).__name__}')
+    known = {"k", "combine", "aux_loss_weight", "schedule"}
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise InterlockingConfigError(
+            f'"{BLOCK}": unknown key(s) {unknown}; known keys are {sorted(known)}')
+
+    k = parse_k(block.get("k", "global"))
+    combine = block.get("combine", "furthest")
+    if combine not in COMBINE_MODES:
+        _fail("combine", f"expected one of {list(COMBINE_MODES)}, got {combine!r}")
+    w = block.get("aux_loss_weight", 1.0)
+    if isinstance(w, bool) or not isinstance(w, numbers.Real) or w != w:
+        _fail("aux_loss_weight", f"expected a number >= 0, got {w!r}")
+    if w < 0:
+        _fail("aux_loss_weight", f"must be >= 0, got {w}")
+    schedule = block.get("schedule", "1f1b")
+    if schedule not in SCHEDULES:
+        _fail("schedule", f"expected one of {list(SCHEDULES)}, got {schedule!r}")
+    return InterlockingConfig(k=k, combine=combine, aux_loss_weight=float(w),
+                              schedule=schedule)

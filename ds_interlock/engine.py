@@ -1,0 +1,294 @@
+"""InterlockingPipelineEngine: executes a schedule (schedule.py) with the gradient math of routing.py.
+
+It reuses DeepSpeed's PipelineEngine for everything that is not the pipeline
+order or the backward math: process groups and grid, data loading, gradient
+reduction across data-parallel replicas and tied layers, the optimizer step
+(clipping, bf16, ZeRO-1), checkpoints, timers and the monitor.
+
+Per micro-batch, stage s keeps its *roots* (the float outputs it produced, or
+the loss on the last stage) and, for each loss j it needs, the component
+dL_j/d(root) (already weighted by w_j / micro_batches). Backward work is then:
+  input_grad(j): autograd.grad(roots, stage inputs, component j)  -> sent to s-1
+  weight_grad:   backward(roots, sum of the training components) into the stage's
+                 parameters (and, when fused, also its inputs)
+"""
+import time
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import torch
+from deepspeed import comm as dist
+from deepspeed.runtime.pipe.engine import PipelineEngine, TRAIN_BATCH_TIMER
+from deepspeed.runtime.torch_autocast import autocast_if_enabled
+from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
+from deepspeed.utils import logger
+
+from . import schedule as sched
+from .config import InterlockingConfig
+from .module import default_checkpoint_func
+from .routing import Routing
+from .wire import Wire, as_list
+
+
+def _float_leaves(x):
+    """Detached copies of a stage input; float tensors require grad (they get input gradients)."""
+    tensors, was_tuple = as_list(x)
+    out = []
+    for t in tensors:
+        t = t.detach()
+        if t.is_floating_point():
+            t.requires_grad_(True)
+        out.append(t)
+    return (tuple(out) if was_tuple else out[0]), [t for t in out if t.requires_grad]
+
+
+class InterlockingPipelineEngine(PipelineEngine):
+
+    def __init__(self, *args, interlocking: InterlockingConfig = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.interlocking = interlocking or InterlockingConfig()
+        self.routing = Routing(self.num_stages, self.interlocking.resolve_k(self.num_stages),
+                               self.interlocking.combine)
+        self.wire = Wire(self.device)
+        self._stage_params = self.module.stage_parameters()
+        self._head_params = [p for p in self.module.aux_heads.parameters() if p.requires_grad]
+        self.stage_losses = None        # per-stage mean losses of the last train_batch (list of S floats)
+        self.eval_stage_losses = None   # same for the last eval_batch
+        self._eval_logits = None
+        ckpt = self.module.activation_checkpoint_func
+        if ckpt in (ds_checkpointing.checkpoint, ds_checkpointing.non_reentrant_checkpoint):
+            # DeepSpeed's checkpoint functions break under several backward calls per graph.
+            self.module.activation_checkpoint_func = default_checkpoint_func
+            if self.global_rank == 0:
+                logger.info("ds_interlock: using torch's non-reentrant checkpoint for activation checkpointing")
+
+    # ------------------------------------------------------------------ public API
+    def train_batch(self, data_iter=None):
+        if not torch.is_grad_enabled():
+            raise RuntimeError("train_batch() requires gradients enabled. Use eval_batch() instead.")
+        if data_iter is not None:
+            self.set_dataiterator(data_iter)
+        self.module.train()
+        self.timers(TRAIN_BATCH_TIMER).start()
+        start = time.time()
+        plan = sched.train_schedule(self.interlocking.schedule, self.routing, self.micro_batches)
+        losses = self._run(plan.for_stage(self.stage_id), self.micro_batches, training=True)
+        self.stage_losses = losses.tolist()
+        self.agg_train_loss = losses[-1].clone()
+        self.timers(TRAIN_BATCH_TIMER).stop()
+        self._report_train(time.time() - start)
+        return self.agg_train_loss
+
+    def eval_batch(self, data_iter, return_logits=False, compute_loss=True, reduce_output="avg",
+                   bcast_loss=True, num_micro_batches=None):
+        """Forward only. Returns the true loss; ``eval_stage_losses`` holds every head's loss
+        (early-exit evaluation through the aux heads)."""
+        if not compute_loss or reduce_output != "avg":
+            raise NotImplementedError("ds_interlock eval_batch computes the mean loss of every head "
+                                      "(compute_loss=True, reduce_output='avg')")
+        self.module.eval()
+        saved_iter = self.data_iterator
+        self.set_dataiterator(data_iter)
+        micro_batches = num_micro_batches or self.micro_batches
+        self._eval_logits = [] if return_logits else None
+        try:
+            with torch.no_grad():
+                losses = self._run(sched.inference(self.routing, micro_batches).for_stage(self.stage_id),
+                                   micro_batches, training=False)
+        finally:
+            self.set_dataiterator(saved_iter)
+        self.eval_stage_losses = losses.tolist()
+        out = losses[-1].clone()
+        if self.global_rank == 0 and self.monitor.enabled:
+            events = [("Train/Samples/eval_loss", out.item(), self.global_samples)]
+            events += [(f"Train/Samples/eval_stage{s}_loss", v, self.global_samples)
+                       for s, v in enumerate(self.eval_stage_losses)]
+            self.monitor.write_events(events)
+        if return_logits:
+            logits, self._eval_logits = self._eval_logits, None
+            return out, logits
+        return out
+
+    # ------------------------------------------------------------------ execution
+    def _run(self, actions, micro_batches, training):
+        self._mb = {}
+        self._training = training
+        self._micro_batches = micro_batches
+        self._loss_sum = torch.zeros((), dtype=torch.float64)
+        try:
+            for act in actions:
+                getattr(self, "_do_" + act.op)(act)
+        finally:
+            self.wire.wait_all()
+            self._mb = {}
+        return self._aggregate_losses(micro_batches)
+
+    def _aggregate_losses(self, micro_batches):
+        """Mean over micro-batches and DP replicas of every stage's loss, known on every rank."""
+        v = torch.zeros(self.num_stages, dtype=torch.float64, device=self.device)
+        v[self.stage_id] = self._loss_sum / (micro_batches * self.dp_world_size)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(v)
+        return v.float()
+
+    def _prev_rank(self):
+        return self.grid.stage_to_global(self.stage_id - 1)
+
+    def _next_rank(self):
+        return self.grid.stage_to_global(self.stage_id + 1)
+
+    def _state(self, mb):
+        return self._mb.setdefault(mb, SimpleNamespace())
+
+    def _do_load(self, act):
+        batch = self._next_batch()
+        if self.stage_id != 0:
+            return   # the last stage reads like DeepSpeed's does; its labels travel from stage 0
+        if batch is None:
+            raise RuntimeError("stage 0 has no data: pass data_iter= to train_batch()/eval_batch() "
+                               "or training_data= to initialize()")
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError("a batch must be an (inputs, labels) pair, as DeepSpeed's pipeline expects")
+        st = self._state(act.mb)
+        st.inputs = self._to_device(batch[0])
+        st.labels = self._to_device(batch[1])
+
+    def _to_device(self, x):
+        tensors, was_tuple = as_list(x)
+        tensors = [t.to(self.device).detach() for t in tensors]
+        return tuple(tensors) if was_tuple else tensors[0]
+
+    def _do_recv_act(self, act):
+        st = self._state(act.mb)
+        inputs, st.labels = self.wire.recv_structured(self._prev_rank())
+        if self._training:
+            st.inputs, st.leaves = _float_leaves(inputs)
+        else:
+            st.inputs, st.leaves = inputs, []
+
+    def _do_send_act(self, act):
+        st = self._mb[act.mb]
+        self.wire.send_structured([st.outputs, st.labels], self._next_rank())
+        if not self._training:
+            del self._mb[act.mb]
+
+    def _do_forward(self, act):
+        st = self._mb[act.mb]
+        M = self._micro_batches
+        with autocast_if_enabled(self):
+            out = self.module(st.inputs)
+        st.outputs = out
+        if self.stage_id == self.num_stages - 1:
+            loss = self.module.loss_fn(out, st.labels)
+            self._loss_sum += loss.detach().double().cpu()
+            if self._eval_logits is not None and not self._training:
+                self._eval_logits.append(out.detach())
+            if self._training:
+                st.roots = [loss]
+                st.comps = {self.stage_id: [torch.full_like(loss, 1.0 / M)]}
+            else:
+                del self._mb[act.mb]
+            return
+        head = self.module.aux_head
+        if not self._training:
+            if head is not None:
+                with autocast_if_enabled(self):
+                    loss = self.module.aux_loss_fn(head(out), st.labels)
+                self._loss_sum += loss.detach().double().cpu()
+            return
+        st.roots = [t for t in as_list(out)[0] if t.is_floating_point()]
+        st.comps = {}
+        if head is not None:
+            self._aux_forward_backward(st, head, out, M)
+
+    def _aux_forward_backward(self, st, head, out, M):
+        """The head's loss, its own gradient, and the component dL_s/dh_s if the stage needs it."""
+        s = self.stage_id
+        z, z_leaves = _float_leaves(out)
+        with autocast_if_enabled(self):
+            loss = self.module.aux_loss_fn(head(z), st.labels)
+        self._loss_sum += loss.detach().double().cpu()
+        w = self.routing.loss_weight(s, self.interlocking.aux_loss_weight)
+        wants = self._head_params + (z_leaves if self.routing.needs_own_loss_grad(s) else [])
+        if not wants or not loss.requires_grad:
+            return
+        with self._param_grad_section():
+            torch.autograd.backward([loss * (w / M)], inputs=wants)
+        if self.routing.needs_own_loss_grad(s):
+            st.comps[s] = [zl.grad if zl.grad is not None else torch.zeros_like(zl) for zl in z_leaves]
+
+    def _do_recv_grad(self, act):
+        st = self._mb[act.mb]
+        st.comps[act.loss] = self.wire.recv_like(st.roots, self._next_rank())
+
+    def _backward_pairs(self, st, comp):
+        pairs = [(r, g) for r, g in zip(st.roots, comp) if r.requires_grad]
+        return [r for r, _ in pairs], [g for _, g in pairs]
+
+    def _do_input_grad(self, act):
+        st = self._mb[act.mb]
+        roots, grads = self._backward_pairs(st, st.comps[act.loss])
+        got = torch.autograd.grad(roots, st.leaves, grads, retain_graph=True, allow_unused=True)
+        st.in_grads = getattr(st, "in_grads", {})
+        st.in_grads[act.loss] = [g if g is not None else torch.zeros_like(l) for g, l in zip(got, st.leaves)]
+
+    def _do_weight_grad(self, act):
+        st = self._mb.pop(act.mb)
+        train = self.routing.trains(self.stage_id)
+        combined = [sum(parts) for parts in zip(*(st.comps[j] for j in train))]
+        roots, grads = self._backward_pairs(st, combined)
+        fused = self.routing.fused_input(self.stage_id)
+        leaves = st.leaves if fused is not None and self.stage_id > 0 else []
+        if roots:
+            with self._param_grad_section():
+                torch.autograd.backward(roots, grads, inputs=self._stage_params + leaves)
+        if leaves:
+            st.in_grads = getattr(st, "in_grads", {})
+            st.in_grads[fused] = [l.grad if l.grad is not None else torch.zeros_like(l) for l in leaves]
+        if getattr(st, "in_grads", None):
+            self._mb[act.mb] = SimpleNamespace(in_grads=st.in_grads)   # only what is left to send
+
+    def _do_send_grad(self, act):
+        st = self._mb[act.mb]
+        self.wire.send_tensors(st.in_grads.pop(act.loss), self._prev_rank())
+        if not st.in_grads:
+            del self._mb[act.mb]
+
+    def _do_reduce_tied(self, act):
+        self._exec_reduce_tied_grads()
+
+    def _do_reduce_grads(self, act):
+        self._exec_reduce_grads()
+
+    def _do_step(self, act):
+        self._exec_optimizer_step()
+
+    @contextmanager
+    def _param_grad_section(self):
+        """Backward into parameters the way DeepSpeed's pipeline does it for non-last stages."""
+        bf16 = self.using_bf16_optimizer
+        if bf16:
+            self.optimizer.clear_lp_grads()
+        self._running_engine_backward = True
+        try:
+            yield
+        finally:
+            self._running_engine_backward = False
+        if bf16 and not self._config.bfloat16_config.immediate_grad_update:
+            self.optimizer.update_hp_grads(clear_lp_grads=False)
+
+    # ------------------------------------------------------------------ reporting
+    def _report_train(self, seconds):
+        steps_per_print = self.steps_per_print()
+        if self.global_rank == 0:
+            if steps_per_print is not None and self.global_steps % steps_per_print == 0:
+                stages = " ".join(f"{v:0.4f}" for v in self.stage_losses)
+                print(f"steps: {self.global_steps} loss: {self.stage_losses[-1]:0.4f} "
+                      f"stage_losses: [{stages}] iter time (s): {seconds:0.3f} "
+                      f"samples/sec: {self.train_batch_size() / max(seconds, 1e-9):0.3f}", flush=True)
+            if self.monitor.enabled:
+                events = [("Train/Samples/train_loss", self.stage_losses[-1], self.global_samples)]
+                events += [(f"Train/Samples/stage{s}_loss", v, self.global_samples)
+                           for s, v in enumerate(self.stage_losses)]
+                self.monitor.write_events(events)
+        self.timers(TRAIN_BATCH_TIMER).elapsed(reset=True)

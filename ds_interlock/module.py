@@ -1,0 +1,86 @@
+"""InterlockingPipelineModule: DeepSpeed's PipelineModule plus one aux head per stage boundary."""
+import functools
+import os
+
+import torch
+from torch import nn
+from deepspeed.pipe import PipelineModule
+
+from .config import InterlockingConfigError
+
+# DeepSpeed's own activation checkpointing breaks under several backward calls
+# over one graph; torch's non-reentrant checkpoint does not.
+default_checkpoint_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+
+class InterlockingPipelineModule(PipelineModule):
+    """A ``PipelineModule`` whose stages ``s < S-1`` each own an auxiliary head.
+
+    ``aux_head(stage_id)`` is called only on the rank that owns ``stage_id``; the
+    head maps the stage's output to whatever ``aux_loss_fn(head_out, labels)``
+    takes. Heads are ordinary submodules (``self.aux_heads``), so parameters(),
+    the optimizer, data-parallel averaging and checkpoints all include them.
+    """
+
+    def __init__(self, layers, num_stages=None, loss_fn=None, aux_head=None, aux_loss_fn=None,
+                 activation_checkpoint_func=default_checkpoint_func, **pipeline_kwargs):
+        super().__init__(layers, num_stages=num_stages, loss_fn=loss_fn,
+                         activation_checkpoint_func=activation_checkpoint_func, **pipeline_kwargs)
+        self.aux_loss_fn = aux_loss_fn if aux_loss_fn is not None else loss_fn
+        self.aux_heads = nn.ModuleDict()
+        self.aux_head_error = None      # reported by initialize(), where config errors live
+        if aux_head is not None and not callable(aux_head):
+            self.aux_head_error = f"aux_head must be a callable stage_id -> nn.Module, got {type(aux_head).__name__}"
+        elif aux_head is not None and self.stage_id < self.num_stages - 1:
+            head = aux_head(self.stage_id)
+            if not isinstance(head, nn.Module):
+                self.aux_head_error = (f"aux_head({self.stage_id}) returned {type(head).__name__}, "
+                                       "expected a torch.nn.Module")
+            else:
+                self.aux_heads[str(self.stage_id)] = head.to(next(iter(self.parameters()), torch.empty(0)).device)
+
+    @property
+    def aux_head(self):
+        """This rank's aux head, or None (last stage, or no heads given)."""
+        return self.aux_heads[str(self.stage_id)] if str(self.stage_id) in self.aux_heads else None
+
+    def stage_parameters(self):
+        """Parameters of the pipeline layers on this stage (aux head excluded)."""
+        head = set(id(p) for p in self.aux_heads.parameters())
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in head]
+
+    # DeepSpeed's save/load covers the pipeline layers only; heads would be lost silently.
+    def _aux_ckpt_path(self, ckpt_dir):
+        return os.path.join(ckpt_dir, f"aux_head_{self.stage_id:02d}-model_states.pt")
+
+    def save_state_dict(self, save_dir, checkpoint_engine, exclude_frozen_params=False):
+        super().save_state_dict(save_dir, checkpoint_engine, exclude_frozen_params=exclude_frozen_params)
+        if self.aux_head is not None and self._grid.data_parallel_id == 0:
+            checkpoint_engine.makedirs(save_dir, exist_ok=True)
+            state = {k: v.detach().clone() for k, v in self.aux_head.state_dict().items()}
+            checkpoint_engine.save(state_dict=state, path=self._aux_ckpt_path(save_dir))
+
+    def load_state_dir(self, load_dir, checkpoint_engine, strict=True):
+        super().load_state_dir(load_dir, checkpoint_engine, strict=strict)
+        if self.aux_head is None:
+            return
+        path = self._aux_ckpt_path(load_dir)
+        if not os.path.exists(path):
+            if strict:
+                raise FileNotFoundError(f"checkpoint has no aux head for stage {self.stage_id}: {path}")
+            return
+        self.aux_head.load_state_dict(checkpoint_engine.load(path, map_location="cpu"), strict=strict)
+
+    def check_heads(self, routing, aux_loss_fn_needed=True):
+        """Fail at start-up when a head that the algorithm needs is missing."""
+        if self.aux_head_error:
+            raise InterlockingConfigError(f'"aux_head": {self.aux_head_error}')
+        heads_optional = routing.k >= routing.num_stages and routing.combine == "furthest"
+        if self.stage_id < self.num_stages - 1 and self.aux_head is None and not heads_optional:
+            raise InterlockingConfigError(
+                f'"aux_head": k={routing.k} with combine="{routing.combine}" needs an aux head on every '
+                f"stage before the last, and stage {self.stage_id} has none; pass "
+                "aux_head=lambda stage_id: nn.Module(...) (heads are optional only for "
+                'k = "global" with combine = "furthest")')
+        if self.aux_head is not None and self.aux_loss_fn is None:
+            raise InterlockingConfigError('"aux_loss_fn": aux heads need a loss; pass aux_loss_fn or loss_fn')
