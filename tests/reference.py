@@ -26,10 +26,11 @@ def build_stage(specs, start, stop, stage_id, num_stages, aux_head):
     return mods, forward, head
 
 
-def reference_step(specs, parts, k, combine, weight, micro_batches, dp, seed, heads=True,
-                   lr=1.0, vocab=11, dim=8):
-    """Parameters after one SGD(lr) step: {name: tensor}. Tied modules get the sum of
-    their stages' gradients (DeepSpeed's tied-gradient all-reduce)."""
+def reference_step(specs, parts, k, combine, weight, batches, heads=True, lr=1.0, vocab=11, dim=8):
+    """(initial, updated) parameters around one SGD(lr) step, as {name: tensor}.
+
+    ``batches[r][m]`` is micro-batch m of data-parallel replica r. Tied modules get the
+    sum of their stages' gradients (DeepSpeed's tied-gradient all-reduce)."""
     S = len(parts)
     aux = tm.aux_head(dim, vocab) if heads else None
     stages = [build_stage(specs, a, b, s, S, aux) for s, (a, b) in enumerate(parts)]
@@ -48,10 +49,9 @@ def reference_step(specs, parts, k, combine, weight, micro_batches, dp, seed, he
             return [s for s in range(S) if min(s + k - 1, S - 1) == j]
         return [s for s in range(max(0, j - k + 1), j + 1)]
 
-    scale = 1.0 / (micro_batches * dp)
-    for r in range(dp):
-        for m in range(micro_batches):
-            ids, labels = tm.batch(seed, r, m)
+    scale = 1.0 / sum(len(b) for b in batches)
+    for replica in batches:
+        for ids, labels in replica:
             for j in range(S):
                 x = ids
                 for s in range(j + 1):
@@ -75,5 +75,28 @@ def reference_step(specs, parts, k, combine, weight, micro_batches, dp, seed, he
     total = {}
     for (s, name), g in grads.items():
         total[name] = total.get(name, 0) + g
-    return {name: params[next(key for key in params if key[1] == name)].detach() - lr * total[name]
-            for name in total}
+    init = {name: params[next(key for key in params if key[1] == name)].detach().clone() for name in total}
+    return init, {name: init[name] - lr * total[name] for name in total}
+
+
+def stage_losses(specs, parts, params, batches, vocab=11, dim=8):
+    """Mean loss of every head (aux heads, then the true loss) with the given parameters."""
+    S = len(parts)
+    stages = [build_stage(specs, a, b, s, S, tm.aux_head(dim, vocab)) for s, (a, b) in enumerate(parts)]
+    for s, (mods, _, head) in enumerate(stages):
+        named = {f"{m}.{p}": t for m, mod in mods.items() for p, t in mod.named_parameters()}
+        if head is not None:
+            named.update({f"aux_heads.{s}.{p}": t for p, t in head.named_parameters()})
+        with torch.no_grad():
+            for name, t in named.items():
+                t.copy_(params[name])
+    totals, n = [0.0] * S, 0
+    with torch.no_grad():
+        for replica in batches:
+            for ids, labels in replica:
+                x, n = ids, n + 1
+                for s in range(S):
+                    x = stages[s][1](x)
+                    out = x if s == S - 1 else stages[s][2](x)
+                    totals[s] += tm.loss_fn(out, labels).item()
+    return [t / n for t in totals]

@@ -68,7 +68,7 @@ def optimizer_for(case, module):
 def data_iter(case, engine, step):
     M = case.get("M", 2)
     dp_rank = engine.grid.data_parallel_id
-    seed = case.get("seed", 0) + step
+    seed = case.get("seed", 0) + (0 if case.get("same_batch") else step)
     return iter([tm.batch(seed, dp_rank, m) for m in range(M)])
 
 
