@@ -88,3 +88,15 @@ def test_cli_writes_corpus(tmp_path, capsys):
     assert len(_lines(release / HELDOUT_DIR / "news.en.heldout-00000-of-00050")) == 30
     assert not (release / TRAIN_DIR / "news.en-00003-of-00100").exists()
     assert re.search(r"wrote .*" + re.escape(RELEASE_DIR), capsys.readouterr().out)
+
+
+def test_rewrite_drops_stale_shards_and_never_touches_real_data(tmp_path):
+    release = write_sample_corpus(tmp_path / "s", 3, 20)
+    write_sample_corpus(tmp_path / "s", 1, 20)
+    assert [p.name for p in (release / TRAIN_DIR).iterdir()] == ["news.en-00001-of-00100"]
+    real = tmp_path / "real" / RELEASE_DIR / TRAIN_DIR
+    real.mkdir(parents=True)
+    (real / "news.en-00001-of-00100").write_text("a real sentence .\n")
+    with pytest.raises(FileExistsError, match=str(tmp_path / "real" / RELEASE_DIR)):
+        write_sample_corpus(tmp_path / "real", 1, 20)
+    assert (real / "news.en-00001-of-00100").read_text() == "a real sentence .\n"
