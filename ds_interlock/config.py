@@ -11,7 +11,7 @@ import numbers
 BLOCK = "interlocking"
 K_NAMES = {"local": 1, "pairwise": 2, "3wise": 3}   # "global" means k = S, resolved per model
 COMBINE_MODES = ("furthest", "sum")
-SCHEDULES = ("1f1b",)
+SCHEDULES = ("1f1b", "interlocked")
 
 
 class InterlockingConfigError(ValueError, TypeError):
