@@ -24,7 +24,7 @@ class InterlockingConfig:
     k: object = "global"            # int >= 1 or one of K_NAMES / "global"
     combine: str = "furthest"
     aux_loss_weight: float = 1.0
-    schedule: str = "1f1b"          # order of work per stage, see schedule.py
+    schedule: str = "interlocked"   # order of work per stage, see schedule.py
 
     def resolve_k(self, num_stages):
         """k as an integer in 1..S (k > S behaves exactly like k = S)."""
@@ -79,7 +79,7 @@ def from_ds_config(ds_config):
         _fail("aux_loss_weight", f"expected a number >= 0, got {w!r}")
     if w < 0:
         _fail("aux_loss_weight", f"must be >= 0, got {w}")
-    schedule = block.get("schedule", "1f1b")
+    schedule = block.get("schedule", "interlocked")
     if schedule not in SCHEDULES:
         _fail("schedule", f"expected one of {list(SCHEDULES)}, got {schedule!r}")
     return InterlockingConfig(k=k, combine=combine, aux_loss_weight=float(w),

@@ -233,7 +233,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         st.in_grads[act.loss] = [g if g is not None else torch.zeros_like(l) for g, l in zip(got, st.leaves)]
 
     def _do_weight_grad(self, act):
-        st = self._mb.pop(act.mb)
+        st = self._mb[act.mb]
         train = self.routing.trains(self.stage_id)
         combined = [sum(parts) for parts in zip(*(st.comps[j] for j in train))]
         roots, grads = self._backward_pairs(st, combined)
@@ -242,17 +242,22 @@ class InterlockingPipelineEngine(PipelineEngine):
         if roots:
             with self._param_grad_section():
                 torch.autograd.backward(roots, grads, inputs=self._stage_params + leaves)
+        st.in_grads = getattr(st, "in_grads", {})
         if leaves:
-            st.in_grads = getattr(st, "in_grads", {})
             st.in_grads[fused] = [l.grad if l.grad is not None else torch.zeros_like(l) for l in leaves]
-        if getattr(st, "in_grads", None):
-            self._mb[act.mb] = SimpleNamespace(in_grads=st.in_grads)   # only what is left to send
+        # the graph is gone; keep only the input gradients still to be sent
+        self._mb[act.mb] = SimpleNamespace(in_grads=st.in_grads, finished=True)
+        self._release(act.mb)
 
     def _do_send_grad(self, act):
         st = self._mb[act.mb]
         self.wire.send_tensors(st.in_grads.pop(act.loss), self._prev_rank())
-        if not st.in_grads:
-            del self._mb[act.mb]
+        self._release(act.mb)
+
+    def _release(self, mb):
+        st = self._mb[mb]
+        if getattr(st, "finished", False) and not st.in_grads:
+            del self._mb[mb]
 
     def _do_reduce_tied(self, act):
         self._exec_reduce_tied_grads()

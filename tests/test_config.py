@@ -12,7 +12,7 @@ def test_k_values_resolve(k, want):
 
 def test_defaults():
     cfg = from_ds_config({"interlocking": {"k": 2}})
-    assert (cfg.combine, cfg.aux_loss_weight, cfg.schedule) == ("furthest", 1.0, "1f1b")
+    assert (cfg.combine, cfg.aux_loss_weight, cfg.schedule) == ("furthest", 1.0, "interlocked")
     assert from_ds_config({}) == InterlockingConfig()        # no block: plain backprop
     assert from_ds_config({}).resolve_k(3) == 3
 

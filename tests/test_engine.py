@@ -65,7 +65,8 @@ def check_grads(results, cases, world, tol=TOL):
 
 
 # ---------------------------------------------------------------- 2 processes
-CASES_2 = [grad_case(2, k, c) for k in (1, 2) for c in ("furthest", "sum")]
+SCHEDULES = ("1f1b", "interlocked")
+CASES_2 = [grad_case(2, k, c, schedule=n) for k in (1, 2) for c in ("furthest", "sum") for n in SCHEDULES]
 CASES_2 += [grad_case(2, 2, "sum", M=3, w=0.3), grad_case(2, 1, "furthest", M=3, w=2.5),
             grad_case(2, 2, "furthest", tied=True), grad_case(2, 1, "sum", tied=True),
             grad_case(2, "global", "furthest", M=1, heads=False),
@@ -173,7 +174,7 @@ def test_gradient_clipping(two_procs):
 
 
 # ---------------------------------------------------------------- 3 processes
-CASES_3 = [grad_case(3, k, c) for k in (1, 2, 3) for c in ("furthest", "sum")]
+CASES_3 = [grad_case(3, k, c, schedule=n) for k in (1, 2, 3) for c in ("furthest", "sum") for n in SCHEDULES]
 
 
 def test_gradients_three_stages(tmp_path):
@@ -181,12 +182,12 @@ def test_gradients_three_stages(tmp_path):
 
 
 # ---------------------------------------------------------------- 4 processes
-CASES_4 = [grad_case(4, k, c) for k in (1, 2, 3, 4) for c in ("furthest", "sum")]
+CASES_4 = [grad_case(4, k, c, schedule=n) for k in (1, 2, 3, 4) for c in ("furthest", "sum") for n in SCHEDULES]
 CASES_4 += [grad_case(4, 3, "sum", M=3, w=0.7, tied=True),
-            grad_case(4, 3, "furthest", ckpt_interval=1),
+            grad_case(4, 3, "furthest", ckpt_interval=1, schedule="interlocked"),
             grad_case(4, 2, "sum", ckpt_interval=2, tied=True)]
-CASES_DP = [grad_case(2, k, c, M=2) for k, c in itertools.product((1, 2), ("furthest", "sum"))]
-CASES_DP += [grad_case(2, 2, "sum", M=2, w=0.4, zero=1), grad_case(2, 1, "furthest", M=3, zero=1, tied=True)]
+CASES_DP = [grad_case(2, k, c, M=3, schedule=n) for k, c, n in itertools.product((1, 2), ("furthest", "sum"), SCHEDULES)]
+CASES_DP += [grad_case(2, 2, "sum", M=2, w=0.4, zero=1), grad_case(2, 1, "furthest", M=3, zero=1, tied=True, schedule="interlocked")]
 BF16 = [dict(name="bf16_k2", S=4, k=2, combine="sum", M=2, w=1.0, bf16=True),
         dict(name="bf16_stock", S=4, M=2, stock=True, optimizer="adam", lr=1e-2, steps=3, bf16=True),
         dict(name="bf16_global", S=4, M=2, k="global", optimizer="adam", lr=1e-2, steps=3, bf16=True),

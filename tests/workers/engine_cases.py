@@ -41,6 +41,8 @@ def ds_config(case, dp):
     if not case.get("stock"):
         cfg["interlocking"] = {"k": case.get("k", "global"), "combine": case.get("combine", "furthest"),
                                "aux_loss_weight": case.get("w", 1.0)}
+        if case.get("schedule"):
+            cfg["interlocking"]["schedule"] = case["schedule"]
     cfg.update(case.get("extra_config", {}))
     return cfg
 
