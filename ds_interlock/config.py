@@ -12,6 +12,8 @@ BLOCK = "interlocking"
 K_NAMES = {"local": 1, "pairwise": 2, "3wise": 3}   # "global" means k = S, resolved per model
 COMBINE_MODES = ("furthest", "sum")
 SCHEDULES = ("1f1b", "interlocked")
+CLIP_SCOPES = ("deepspeed", "stage")
+REPORTS = ("sync", "async")
 
 
 class InterlockingConfigError(ValueError, TypeError):
@@ -25,6 +27,8 @@ class InterlockingConfig:
     combine: str = "furthest"
     aux_loss_weight: float = 1.0
     schedule: str = "interlocked"   # order of work per stage, see schedule.py
+    clip_scope: str = "deepspeed"   # "stage": clip each stage by its own gradient norm (no cross-stage barrier)
+    report: str = "sync"            # "async": per-stage losses arrive one batch late, without a barrier
 
     def resolve_k(self, num_stages):
         """k as an integer in 1..S (k > S behaves exactly like k = S)."""
@@ -64,7 +68,7 @@ def from_ds_config(ds_config):
         return InterlockingConfig()
     if not isinstance(block, dict):
         raise InterlockingConfigError(f'"{BLOCK}": expected an object, got {type(block).__name__}')
-    known = {"k", "combine", "aux_loss_weight", "schedule"}
+    known = {"k", "combine", "aux_loss_weight", "schedule", "clip_scope", "report"}
     unknown = sorted(set(block) - known)
     if unknown:
         raise InterlockingConfigError(
@@ -82,5 +86,11 @@ def from_ds_config(ds_config):
     schedule = block.get("schedule", "interlocked")
     if schedule not in SCHEDULES:
         _fail("schedule", f"expected one of {list(SCHEDULES)}, got {schedule!r}")
+    clip_scope = block.get("clip_scope", "deepspeed")
+    if clip_scope not in CLIP_SCOPES:
+        _fail("clip_scope", f"expected one of {list(CLIP_SCOPES)}, got {clip_scope!r}")
+    report = block.get("report", "sync")
+    if report not in REPORTS:
+        _fail("report", f"expected one of {list(REPORTS)}, got {report!r}")
     return InterlockingConfig(k=k, combine=combine, aux_loss_weight=float(w),
-                              schedule=schedule)
+                              schedule=schedule, clip_scope=clip_scope, report=report)

@@ -27,6 +27,7 @@ from . import schedule as sched
 from .config import InterlockingConfig
 from .module import default_checkpoint_func
 from .routing import Routing
+from .stage_local import make_optimizer_stage_local
 from .wire import Wire, as_list
 
 
@@ -55,6 +56,11 @@ class InterlockingPipelineEngine(PipelineEngine):
         self.stage_losses = None        # per-stage mean losses of the last train_batch (list of S floats)
         self.eval_stage_losses = None   # same for the last eval_batch
         self._eval_logits = None
+        self.stage_losses_step = None   # the optimizer step stage_losses belong to
+        self._pending_report = None     # report="async": (work, tensor, step) in flight
+        self._stage_grid = None
+        if self.interlocking.clip_scope == "stage":
+            self._stage_grid = make_optimizer_stage_local(self.optimizer, self.grid)
         ckpt = self.module.activation_checkpoint_func
         if ckpt in (ds_checkpointing.checkpoint, ds_checkpointing.non_reentrant_checkpoint):
             # DeepSpeed's checkpoint functions break under several backward calls per graph.
@@ -72,9 +78,11 @@ class InterlockingPipelineEngine(PipelineEngine):
         self.timers(TRAIN_BATCH_TIMER).start()
         start = time.time()
         plan = sched.train_schedule(self.interlocking.schedule, self.routing, self.micro_batches)
-        losses = self._run(plan.for_stage(self.stage_id), self.micro_batches, training=True)
-        self.stage_losses = losses.tolist()
-        self.agg_train_loss = losses[-1].clone()
+        self._run(plan.for_stage(self.stage_id), self.micro_batches, training=True)
+        if self.interlocking.report == "async":
+            self._report_async()
+        else:
+            self._set_stage_losses(self._aggregate_losses(self.micro_batches), self.global_steps)
         self.timers(TRAIN_BATCH_TIMER).stop()
         self._report_train(time.time() - start)
         return self.agg_train_loss
@@ -91,10 +99,12 @@ class InterlockingPipelineEngine(PipelineEngine):
         self.set_dataiterator(data_iter)
         micro_batches = num_micro_batches or self.micro_batches
         self._eval_logits = [] if return_logits else None
+        self.flush_losses()      # collectives must not interleave
         try:
             with torch.no_grad():
-                losses = self._run(sched.inference(self.routing, micro_batches).for_stage(self.stage_id),
-                                   micro_batches, training=False)
+                self._run(sched.inference(self.routing, micro_batches).for_stage(self.stage_id),
+                          micro_batches, training=False)
+            losses = self._aggregate_losses(micro_batches)
         finally:
             self.set_dataiterator(saved_iter)
         self.eval_stage_losses = losses.tolist()
@@ -121,15 +131,48 @@ class InterlockingPipelineEngine(PipelineEngine):
         finally:
             self.wire.wait_all()
             self._mb = {}
-        return self._aggregate_losses(micro_batches)
 
-    def _aggregate_losses(self, micro_batches):
-        """Mean over micro-batches and DP replicas of every stage's loss, known on every rank."""
+    def _local_losses(self, micro_batches):
         v = torch.zeros(self.num_stages, dtype=torch.float64, device=self.device)
         v[self.stage_id] = self._loss_sum / (micro_batches * self.dp_world_size)
+        return v
+
+    def _aggregate_losses(self, micro_batches):
+        """Mean over micro-batches and DP replicas of every stage's loss, known on every rank.
+        A collective over all ranks: every stage waits here for the slowest."""
+        v = self._local_losses(micro_batches)
         if dist.get_world_size() > 1:
             dist.all_reduce(v)
         return v.float()
+
+    def _set_stage_losses(self, v, step):
+        self.stage_losses = v.tolist()
+        self.stage_losses_step = step
+        self.agg_train_loss = v[-1].clone()
+
+    def _report_async(self):
+        """Start this batch's loss reduction and finish the previous one: no stage waits
+        for the others at the end of a batch, and losses arrive one batch late."""
+        v = self._local_losses(self.micro_batches)
+        work = dist.all_reduce(v, async_op=True) if dist.get_world_size() > 1 else None
+        previous, self._pending_report = self._pending_report, (work, v, self.global_steps)
+        if previous is None:
+            self.agg_train_loss = torch.tensor(float("nan"))
+        else:
+            self._finish_report(previous)
+
+    def _finish_report(self, pending):
+        work, v, step = pending
+        if work is not None:
+            work.wait()
+        self._set_stage_losses(v.float(), step)
+
+    def flush_losses(self):
+        """With report="async": wait for the last batch's losses (stage_losses, agg_train_loss)."""
+        if self._pending_report is not None:
+            pending, self._pending_report = self._pending_report, None
+            self._finish_report(pending)
+        return self.agg_train_loss
 
     def _prev_rank(self):
         return self.grid.stage_to_global(self.stage_id - 1)
@@ -268,6 +311,13 @@ class InterlockingPipelineEngine(PipelineEngine):
     def _do_step(self, act):
         self._exec_optimizer_step()
 
+    def clip_fp32_gradients(self):
+        if self._stage_grid is None:
+            return super().clip_fp32_gradients()
+        from deepspeed.runtime.utils import clip_grad_norm_
+        clip_grad_norm_(parameters=self.module.parameters(), max_norm=self.gradient_clipping(),
+                        mpu=self._stage_grid)
+
     @contextmanager
     def _param_grad_section(self):
         """Backward into parameters the way DeepSpeed's pipeline does it for non-last stages."""
@@ -285,15 +335,16 @@ class InterlockingPipelineEngine(PipelineEngine):
     # ------------------------------------------------------------------ reporting
     def _report_train(self, seconds):
         steps_per_print = self.steps_per_print()
-        if self.global_rank == 0:
+        if self.global_rank == 0 and self.stage_losses is not None:
             if steps_per_print is not None and self.global_steps % steps_per_print == 0:
                 stages = " ".join(f"{v:0.4f}" for v in self.stage_losses)
-                print(f"steps: {self.global_steps} loss: {self.stage_losses[-1]:0.4f} "
+                late = "" if self.stage_losses_step == self.global_steps else f" (losses of step {self.stage_losses_step})"
+                print(f"steps: {self.global_steps}{late} loss: {self.stage_losses[-1]:0.4f} "
                       f"stage_losses: [{stages}] iter time (s): {seconds:0.3f} "
                       f"samples/sec: {self.train_batch_size() / max(seconds, 1e-9):0.3f}", flush=True)
             if self.monitor.enabled:
-                events = [("Train/Samples/train_loss", self.stage_losses[-1], self.global_samples)]
-                events += [(f"Train/Samples/stage{s}_loss", v, self.global_samples)
-                           for s, v in enumerate(self.stage_losses)]
+                samples = self.global_samples - (self.global_steps - self.stage_losses_step) * self.train_batch_size()
+                events = [("Train/Samples/train_loss", self.stage_losses[-1], samples)]
+                events += [(f"Train/Samples/stage{s}_loss", v, samples) for s, v in enumerate(self.stage_losses)]
                 self.monitor.write_events(events)
         self.timers(TRAIN_BATCH_TIMER).elapsed(reset=True)

@@ -43,6 +43,7 @@ def ds_config(case, dp):
                                "aux_loss_weight": case.get("w", 1.0)}
         if case.get("schedule"):
             cfg["interlocking"]["schedule"] = case["schedule"]
+        cfg["interlocking"].update(case.get("il", {}))
     cfg.update(case.get("extra_config", {}))
     return cfg
 
@@ -120,6 +121,9 @@ def run_case(case, args, world):
         loss = engine.train_batch(data_iter=it) if it is not None else engine.train_batch()
         record["losses"].append(float(loss))
         record["stage_losses"].append(list(getattr(engine, "stage_losses", []) or []))
+        record.setdefault("loss_steps", []).append(getattr(engine, "stage_losses_step", None))
+    if case.get("il", {}).get("report") == "async":
+        record["flushed"] = float(engine.flush_losses())
     if case.get("eval"):
         ev = engine.eval_batch(data_iter(case, engine, 999))
         record["eval"] = float(ev)
