@@ -1,0 +1,173 @@
+"""Simulated step time, bubbles and memory: stock 1F1B versus interlocked schedules.
+
+    python benchmarks/schedule.py [--json out.json] [--markdown out.md]
+                                  [--timeline out.png] [--costs measured.json] [--quick]
+
+Every number comes from replaying the very Schedule objects the engine executes
+(ds_interlock.schedule) under a cost model: unit costs by default (F = I = 1, W = 2),
+or per-stage seconds profiled from a real run (--costs, written by benchmarks/throughput.py).
+
+Rows per (S, M):
+  1f1b-global        DeepSpeed's 1F1B, plain backprop, optimizer step as a barrier (flush)
+  interlocked k=..   each gradient component sent as soon as it exists, stage-local step
+  ... sum            the same with combine="sum" (more chains per stage)
+  1f1b-order k=3     interlocking math in 1F1B's order, stage-local step: isolates the order
+The issue's targets (S=4, M=8, unit costs) are computed and printed as PASS/FAIL.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ds_interlock.replay import unit_cost  # noqa: E402
+from ds_interlock.routing import Routing  # noqa: E402
+from ds_interlock.schedule import interlocked, one_f_one_b  # noqa: E402
+from ds_interlock.simulate import cost_from_json, format_table, simulate, timeline_png  # noqa: E402
+
+BASELINE = "1f1b-global"
+COLUMNS = [("schedule", "schedule"), ("k", "k"), ("combine", "combine"), ("flush", "flush"),
+           ("step_time", "step/batch"), ("vs_1f1b", "vs 1F1B"), ("lower_bound", "bound"),
+           ("bound_ratio", "/bound"), ("idle_mean", "idle mean"), ("idle_max", "idle max"),
+           ("live_0", "live s0"), ("live_max", "live max")]
+
+
+def cases(S, M):
+    """(label, schedule, flush) for one pipeline shape."""
+    out = [(BASELINE, one_f_one_b(Routing(S, S, "furthest"), M), True)]
+    for k in sorted({1, 2, 3, S}):
+        if k <= S:
+            out.append((f"interlocked k={k}", interlocked(Routing(S, k, "furthest"), M), False))
+    for k in (2, 3):
+        if k < S:
+            out.append((f"interlocked k={k} sum", interlocked(Routing(S, k, "sum"), M), False))
+    if 3 <= S:
+        out.append(("1f1b-order k=3", one_f_one_b(Routing(S, 3, "furthest"), M), False))
+    return out
+
+
+def row_of(label, res, base_time):
+    r = res.schedule.routing
+    return {"S": r.num_stages, "M": res.schedule.micro_batches, "schedule": label, "k": r.k,
+            "combine": r.combine, "flush": res.flush, "step_time": res.step_time,
+            "vs_1f1b": res.step_time / base_time, "lower_bound": res.lower_bound,
+            "bound_ratio": res.bound_ratio,
+            "idle_mean": sum(res.steady_idle) / len(res.steady_idle),
+            "idle_max": max(res.steady_idle), "live_0": res.peak_live[0],
+            "live_max": max(res.peak_live), "peak_live": res.peak_live,
+            "steady_idle": res.steady_idle, "work": res.work, "makespan": res.makespan,
+            "batches": res.batches, "unit": res.unit}
+
+
+def run_grid(stages, micro_batches, batches, cost):
+    rows = []
+    for S in stages:
+        for M in micro_batches:
+            base = None
+            for label, sched, flush in cases(S, M):
+                res = simulate(sched, cost=cost, batches=batches, flush=flush, name=label)
+                if base is None:
+                    base = res.step_time
+                rows.append(row_of(label, res, base))
+    return rows
+
+
+def check_targets(batches):
+    """The issue's targets at S=4, M=8 with unit costs, computed (never assumed)."""
+    S, M = 4, 8
+    glob = simulate(one_f_one_b(Routing(S, S, "furthest"), M), batches=batches, flush=True)
+    out = []
+
+    def add(name, ok, detail):
+        out.append({"target": name, "pass": bool(ok), "detail": detail})
+
+    local = simulate(interlocked(Routing(S, 1, "furthest"), M), batches=batches, flush=False)
+    ratio = local.step_time / glob.step_time
+    add("local step <= 0.75 x 1F1B-global", ratio <= 0.75,
+        f"{local.step_time:g} vs {glob.step_time:g} (x{ratio:.3f})")
+    for k in range(1, S):
+        for combine in ("furthest", "sum"):
+            if k == 1 and combine == "sum":
+                continue                      # identical to furthest for k = 1
+            res = simulate(interlocked(Routing(S, k, combine), M), batches=batches, flush=False)
+            limit = 1.05 if k == 1 else 1.10
+            add(f"k={k} {combine}: step <= {limit:.2f} x lower bound", res.bound_ratio <= limit,
+                f"{res.step_time:g} vs bound {res.lower_bound:g} (x{res.bound_ratio:.3f})")
+            add(f"k={k} {combine}: stage 0 holds <= {k + 1} micro-batches",
+                res.peak_live[0] <= k + 1, f"peak live per stage {res.peak_live}")
+    return out
+
+
+def markdown(params, rows, targets):
+    lines = ["# Simulated schedules: stock 1F1B vs interlocked", "",
+             f"Generated by `python benchmarks/schedule.py`; cost model: {params['cost_model']} "
+             f"(time unit: {params['unit']}); steady state over {params['batches']} batches "
+             "((T(B) - T(2)) / (B - 2)). `idle` is the steady-state bubble fraction per stage, "
+             "`live` the peak micro-batches holding activations, `bound` the busiest stage's "
+             "own work per batch.", ""]
+    for S in params["stages"]:
+        for M in params["micro_batches"]:
+            sel = [r for r in rows if r["S"] == S and r["M"] == M]
+            lines += [f"## S = {S}, M = {M}", "", format_table(sel, COLUMNS, markdown=True), ""]
+    lines += ["## Targets (S = 4, M = 8, unit costs)", ""]
+    lines += [f"- **{'PASS' if t['pass'] else 'FAIL'}** {t['target']}: {t['detail']}" for t in targets]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", help="write all numbers and parameters here")
+    ap.add_argument("--markdown", help="write the tables and targets as markdown here")
+    ap.add_argument("--timeline", help="PNG: 1F1B-global vs interlocked 3-wise, S=4, M=8, 3 batches")
+    ap.add_argument("--costs", help="measured per-stage costs (JSON from benchmarks/throughput.py)")
+    ap.add_argument("--batches", type=int, default=6, help="batches replayed for the steady state (>= 3)")
+    ap.add_argument("--quick", action="store_true", help="S=4, M=8 only (for tests)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    args = ap.parse_args(argv)
+    if args.batches < 3:
+        ap.error("--batches must be >= 3 for a steady state")
+
+    stages, micro = ([4], [8]) if args.quick else ([4, 8], [4, 8, 16, 32])
+    cost, cost_name = unit_cost, "unit (F=1, I=1, W=2, messages 0)"
+    if args.costs:
+        cost, cost_name = cost_from_json(args.costs), args.costs
+        stages = [cost.num_stages]       # a profile describes one pipeline depth
+    unit = getattr(cost, "unit", "F")
+    rows = run_grid(stages, micro, args.batches, cost)
+    params = {"stages": stages, "micro_batches": micro, "batches": args.batches,
+              "cost_model": cost_name, "unit": unit, "baseline": BASELINE,
+              "baseline_flush": True, "interlocked_flush": False}
+
+    for S in stages:
+        for M in micro:
+            print(f"\nS = {S}, M = {M}  (step time per batch in {unit}, steady state)")
+            print(format_table([r for r in rows if r["S"] == S and r["M"] == M], COLUMNS))
+    targets = check_targets(args.batches)
+    print("\nTargets at S = 4, M = 8, unit costs:")
+    for t in targets:
+        print(f"  {'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['detail']}")
+    ok = all(t["pass"] for t in targets)
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"parameters": params, "rows": rows, "targets": targets,
+                       "all_targets_pass": ok}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(params, rows, targets))
+    if args.timeline:
+        tl_cost = cost if 4 in stages else unit_cost
+        glob = simulate(one_f_one_b(Routing(4, 4, "furthest"), 8), cost=tl_cost, batches=3, flush=True)
+        three = simulate(interlocked(Routing(4, 3, "furthest"), 8), cost=tl_cost, batches=3, flush=False)
+        u = glob.unit
+        timeline_png([glob, three], args.timeline, titles=[
+            f"stock 1F1B, global backprop, flush between batches: S=4, M=8, 3 batches, "
+            f"{glob.step_time:g} {u}/batch",
+            f"interlocked 3-wise (furthest), stage-local step: S=4, M=8, 3 batches, "
+            f"{three.step_time:g} {u}/batch"])
+    return 0 if ok or not args.strict else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
