@@ -58,6 +58,8 @@ class InterlockingPipelineEngine(PipelineEngine):
         self._eval_logits = None
         self.stage_losses_step = None   # the optimizer step stage_losses belong to
         self._pending_report = None     # report="async": (work, tensor, step) in flight
+        self._meter = None
+        self.profile = None             # a list to record (op, mb, loss, start, end) per action, see profile.py
         self._stage_grid = None
         if self.interlocking.clip_scope == "stage":
             self._stage_grid = make_optimizer_stage_local(self.optimizer, self.grid)
@@ -126,11 +128,29 @@ class InterlockingPipelineEngine(PipelineEngine):
         self._micro_batches = micro_batches
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         try:
-            for act in actions:
-                getattr(self, "_do_" + act.op)(act)
+            if self.profile is None:
+                for act in actions:
+                    getattr(self, "_do_" + act.op)(act)
+            else:
+                self._run_profiled(actions)
         finally:
             self.wire.wait_all()
             self._mb = {}
+
+    def _run_profiled(self, actions):
+        from .profile import ActivationMeter
+        clock = time.perf_counter
+        meter = self._meter = ActivationMeter(self.device)
+        with meter:
+            for act in actions:
+                t0 = clock()
+                meter.current = act.mb
+                getattr(self, "_do_" + act.op)(act)
+                if act.op == "weight_grad":
+                    meter.release(act.mb)
+                self.profile.append((act.op, act.mb, act.loss, t0, clock()))
+        self.profile.append(("peak_activation_bytes", -1, -1, meter.peak, meter.peak))
+        self._meter = None
 
     def _local_losses(self, micro_batches):
         v = torch.zeros(self.num_stages, dtype=torch.float64, device=self.device)
@@ -248,17 +268,30 @@ class InterlockingPipelineEngine(PipelineEngine):
         """The head's loss, its own gradient, and the component dL_s/dh_s if the stage needs it."""
         s = self.stage_id
         z, z_leaves = _float_leaves(out)
-        with autocast_if_enabled(self):
-            loss = self.module.aux_loss_fn(head(z), st.labels)
-        self._loss_sum += loss.detach().double().cpu()
-        w = self.routing.loss_weight(s, self.interlocking.aux_loss_weight)
-        wants = self._head_params + (z_leaves if self.routing.needs_own_loss_grad(s) else [])
-        if not wants or not loss.requires_grad:
-            return
-        with self._param_grad_section():
-            torch.autograd.backward([loss * (w / M)], inputs=wants)
-        if self.routing.needs_own_loss_grad(s):
+        with self._not_metered():    # the head's activations are freed by its backward right here
+            with autocast_if_enabled(self):
+                loss = self.module.aux_loss_fn(head(z), st.labels)
+            self._loss_sum += loss.detach().double().cpu()
+            w = self.routing.loss_weight(s, self.interlocking.aux_loss_weight)
+            own = self.routing.needs_own_loss_grad(s)
+            wants = self._head_params + (z_leaves if own else [])
+            if wants and loss.requires_grad:
+                with self._param_grad_section():
+                    torch.autograd.backward([loss * (w / M)], inputs=wants)
+        if own:
             st.comps[s] = [zl.grad if zl.grad is not None else torch.zeros_like(zl) for zl in z_leaves]
+
+    @contextmanager
+    def _not_metered(self):
+        meter = self._meter
+        if meter is None:
+            yield
+            return
+        mb, meter.current = meter.current, -1
+        try:
+            yield
+        finally:
+            meter.current = mb
 
     def _do_recv_grad(self, act):
         st = self._mb[act.mb]

@@ -1,48 +1,12 @@
 """Launch real multi-process DeepSpeed jobs on CPU from tests, and clean up after them."""
-import glob
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ds_interlock.launching import ROOT, deepspeed_launch, free_port, remove_shm  # noqa: F401 (re-exported)
+
 WORKERS = os.path.join(ROOT, "tests", "workers")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def remove_shm(port):
-    """DeepSpeed's CPU comm op leaves one /dev/shm file per rank and launch (ALGORITHM.md §5)."""
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
-
-
-def deepspeed_launch(num_procs, script, script_args, timeout=600, env=None):
-    """Run ``deepspeed --num_gpus N script args``; returns (returncode, combined output)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs),
-           "--master_port", str(port), script, *script_args]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    full_env["PYTHONPATH"] = os.pathsep.join([ROOT, full_env.get("PYTHONPATH", "")])
-    full_env.update(env or {})
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-        return proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return None, out + f"\n<timed out after {timeout}s>"
-    finally:
-        remove_shm(port)
 
 
 def run_cases(num_procs, cases, out_dir, timeout=600):

@@ -1,0 +1,32 @@
+"""The benchmark scripts run end to end (numbers are for people, not asserted against targets)."""
+import json
+import subprocess
+import sys
+
+from ds_interlock.launching import ROOT
+
+
+def test_throughput_benchmark_runs(tmp_path):
+    out, costs = tmp_path / "tp.json", tmp_path / "costs.json"
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--stages", "2", "--modes", "stock,3wise",
+                           "--repeats", "1", "--steps", "1", "--warmup", "1", "--micro_batches", "4",
+                           "--json", str(out), "--costs_out", str(costs)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for mode in ("stock", "3wise"):
+        r = data["modes"][mode]
+        assert r["tokens_per_s"][0] > 0
+        stages = r["stages"][0]
+        assert len(stages) == 2
+        for st in stages:
+            assert st["busy_per_step"] > 0 and st["idle_per_step"] >= 0
+            assert st["peak_activation_bytes"] > 0
+    measured = json.loads(costs.read_text())
+    assert set(measured["per_stage"]) == {"0", "1"}
+    assert measured["per_stage"]["1"]["weight_grad"] > 0 and measured["per_stage"]["0"]["forward"] > 0
+    # the simulator accepts the measured costs
+    from ds_interlock.simulate import cost_from_json
+    cost = cost_from_json(str(costs))
+    from ds_interlock.schedule import Action
+    assert cost(0, Action("forward", 0)) == measured["per_stage"]["0"]["forward"]
