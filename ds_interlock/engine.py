@@ -59,6 +59,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         self.stage_losses_step = None   # the optimizer step stage_losses belong to
         self._pending_report = None     # report="async": (work, tensor, step) in flight
         self._meter = None
+        self._plans = {}
         self.profile = None             # a list to record (op, mb, loss, start, end) per action, see profile.py
         self._stage_grid = None
         if self.interlocking.clip_scope == "stage":
@@ -79,8 +80,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         self.module.train()
         self.timers(TRAIN_BATCH_TIMER).start()
         start = time.time()
-        plan = sched.train_schedule(self.interlocking.schedule, self.routing, self.micro_batches)
-        self._run(plan.for_stage(self.stage_id), self.micro_batches, training=True)
+        self._run(self._plan("train", self.micro_batches), self.micro_batches, training=True)
         if self.interlocking.report == "async":
             self._report_async()
         else:
@@ -104,8 +104,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         self.flush_losses()      # collectives must not interleave
         try:
             with torch.no_grad():
-                self._run(sched.inference(self.routing, micro_batches).for_stage(self.stage_id),
-                          micro_batches, training=False)
+                self._run(self._plan("inference", micro_batches), micro_batches, training=False)
             losses = self._aggregate_losses(micro_batches)
         finally:
             self.set_dataiterator(saved_iter)
@@ -122,20 +121,34 @@ class InterlockingPipelineEngine(PipelineEngine):
         return out
 
     # ------------------------------------------------------------------ execution
+    def _plan(self, kind, micro_batches):
+        """This stage's action list; generated once per (kind, micro-batch count)."""
+        key = (kind, micro_batches)
+        if key not in self._plans:
+            plan = (sched.inference(self.routing, micro_batches) if kind == "inference" else
+                    sched.train_schedule(self.interlocking.schedule, self.routing, micro_batches))
+            self._plans[key] = plan.for_stage(self.stage_id)
+        return self._plans[key]
+
     def _run(self, actions, micro_batches, training):
         self._mb = {}
         self._training = training
         self._micro_batches = micro_batches
-        self._loss_sum = torch.zeros((), dtype=torch.float64)
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         try:
             if self.profile is None:
                 for act in actions:
                     getattr(self, "_do_" + act.op)(act)
             else:
                 self._run_profiled(actions)
-        finally:
-            self.wire.wait_all()
+        except BaseException:
+            # never wait on peers after a failure: this rank is going down, and waiting
+            # for a send to a rank that is itself blocked would hang the job
+            self.wire.pending = []
             self._mb = {}
+            raise
+        self.wire.wait_all()
+        self._mb = {}
 
     def _run_profiled(self, actions):
         from .profile import ActivationMeter
@@ -243,7 +256,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         st.outputs = out
         if self.stage_id == self.num_stages - 1:
             loss = self.module.loss_fn(out, st.labels)
-            self._loss_sum += loss.detach().double().cpu()
+            self._loss_sum += loss.detach().double()
             if self._eval_logits is not None and not self._training:
                 self._eval_logits.append(out.detach())
             if self._training:
@@ -257,7 +270,7 @@ class InterlockingPipelineEngine(PipelineEngine):
             if head is not None:
                 with autocast_if_enabled(self):
                     loss = self.module.aux_loss_fn(head(out), st.labels)
-                self._loss_sum += loss.detach().double().cpu()
+                self._loss_sum += loss.detach().double()
             return
         st.roots = [t for t in as_list(out)[0] if t.is_floating_point()]
         st.comps = {}
@@ -271,7 +284,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         with self._not_metered():    # the head's activations are freed by its backward right here
             with autocast_if_enabled(self):
                 loss = self.module.aux_loss_fn(head(z), st.labels)
-            self._loss_sum += loss.detach().double().cpu()
+            self._loss_sum += loss.detach().double()
             w = self.routing.loss_weight(s, self.interlocking.aux_loss_weight)
             own = self.routing.needs_own_loss_grad(s)
             wants = self._head_params + (z_leaves if own else [])

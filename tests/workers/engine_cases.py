@@ -114,10 +114,17 @@ def run_case(case, args, world):
         return
     if case.get("load_dir"):
         engine.load_checkpoint(case["load_dir"])
+    if case.get("crash_stage") is not None and engine.stage_id == case["crash_stage"]:
+        inner, calls = engine.module.forward, []
+
+        def failing_forward(x):   # fails inside train_batch, while the other stages wait on this one
+            calls.append(1)
+            if len(calls) > case.get("M", 2):
+                raise RuntimeError(f"deliberate failure on stage {engine.stage_id}")
+            return inner(x)
+        engine.module.forward = failing_forward
     for step in range(case.get("steps", 1)):
         it = None if case.get("feeding") == "training_data" else data_iter(case, engine, step + case.get("step_offset", 0))
-        if case.get("crash_stage") is not None and engine.stage_id == case["crash_stage"] and step == 1:
-            raise RuntimeError(f"deliberate failure on stage {engine.stage_id}")
         loss = engine.train_batch(data_iter=it) if it is not None else engine.train_batch()
         record["losses"].append(float(loss))
         record["stage_losses"].append(list(getattr(engine, "stage_losses", []) or []))
