@@ -18,6 +18,8 @@ def run_cases(num_procs, cases, out_dir, timeout=600):
         json.dump(cases, f)
     code, log = deepspeed_launch(num_procs, os.path.join(WORKERS, "engine_cases.py"),
                                  ["--cases", path, "--out", out_dir], timeout=timeout)
+    with open(os.path.join(out_dir, "launch.log"), "w") as f:
+        f.write(log)
     if code != 0:
         raise RuntimeError(f"launch failed (exit {code}):\n{log[-6000:]}")
     results = {}

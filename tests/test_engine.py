@@ -137,6 +137,9 @@ def test_stage_losses_eval_and_monitor(two_procs):
     for r in recs:
         assert r["eval_stage_losses"] == pytest.approx(want_eval, rel=1e-5)
         assert r["eval"] == pytest.approx(want_eval[-1], rel=1e-5)
+    # DeepSpeed's periodic log line carries every stage's loss
+    line = f"steps: 1 loss: {want[-1]:0.4f} stage_losses: [{want[0]:0.4f} {want[1]:0.4f}]"
+    assert line in (out / "launch.log").read_text()
     # DeepSpeed's monitor gets one series per stage
     csv_dir = out / "csv_monitor"
     files = {p.name for p in csv_dir.rglob("*.csv")}
