@@ -89,7 +89,8 @@ def build_parser():
                    help="evaluate every N steps and at the end; 0 = never")
     t.add_argument("--eval_batches", type=int, default=None,
                    help="held-out micro-batches per data-parallel rank per evaluation "
-                        "(None = all of held-out shard 00000)")
+                        "(None = all of held-out shard 00000; a subset's per-word perplexity uses the "
+                        "whole shard's tokens-per-word ratio)")
     t.add_argument("--save_dir", default=None,
                    help="checkpoint directory; a run resumes from its latest checkpoint")
     t.add_argument("--save_interval", type=int, default=1000, help="save every N steps (and at the end)")
