@@ -27,9 +27,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MODES = {   # name -> interlocking block (None: stock DeepSpeed)
+MODES = {   # name -> interlocking block (None: stock DeepSpeed); "heads": False builds no aux heads
     "stock": None,
-    "global": {"k": "global"},
+    "global_noheads": {"k": "global", "heads": False},   # our engine doing exactly stock's work
+    "global": {"k": "global"},                           # plus aux heads as probes
     "local": {"k": "local"},
     "pairwise": {"k": "pairwise"},
     "3wise": {"k": "3wise"},
@@ -40,7 +41,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (processes = stages * dp)")
-    p.add_argument("--modes", default="stock,local,pairwise,3wise")
+    p.add_argument("--modes", default="stock,global_noheads,global,local,pairwise,3wise")
     p.add_argument("--repeats", type=int, default=3, help="rounds over all modes")
     p.add_argument("--steps", type=int, default=6, help="timed train_batch calls per mode and round")
     p.add_argument("--warmup", type=int, default=2)
@@ -53,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--micro_batches", type=int, default=8, help="micro-batches per batch (M)")
     p.add_argument("--schedule", default="interlocked")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--no_profile", action="store_true",
+                   help="time whole steps only (no per-action timing or activation metering)")
     p.add_argument("--json", default=None)
     p.add_argument("--costs_out", default=None, help="measured action costs per stage (3wise or last mode)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -70,6 +73,7 @@ def ds_config(args, block):
            "gradient_clipping": 0.0, "steps_per_print": 10 ** 9,
            "bf16": {"enabled": bool(args.bf16)}}
     if block is not None:
+        block = {k: v for k, v in block.items() if k != "heads"}
         cfg["interlocking"] = dict(block, schedule=args.schedule, clip_scope="stage", report="async")
     return cfg
 
@@ -131,7 +135,8 @@ def worker(args):
                 engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
                                                   config=ds_config(args, None))
             else:
-                module = InterlockingPipelineModule(layers=parts.layers, aux_head=parts.aux_head, **common)
+                heads = parts.aux_head if block.get("heads", True) else None
+                module = InterlockingPipelineModule(layers=parts.layers, aux_head=heads, **common)
                 engine, *_ = initialize(model=module, model_parameters=module.parameters(),
                                         config=ds_config(args, block))
             it = batches(1000 * rnd + engine.grid.data_parallel_id)
@@ -140,7 +145,9 @@ def worker(args):
             if block is not None:
                 engine.flush_losses()
             records = []
-            if block is None:
+            if args.no_profile:
+                pass
+            elif block is None:
                 meter = instrument_stock(engine, records, ActivationMeter)
             else:
                 engine.profile = records
@@ -152,9 +159,10 @@ def worker(args):
                 engine.flush_losses()
             torch.distributed.barrier()
             elapsed = time.perf_counter() - t0
-            if block is None:
+            if block is None and not args.no_profile:
                 records.append(("peak_activation_bytes", -1, -1, meter.peak, meter.peak))
-            summary = summarize(records)
+            summary = summarize(records) or {"busy": float("nan"), "idle": float("nan"), "idle_fraction": float("nan"),
+                                             "costs": {}, "peak_activation_bytes": 0}
             summary = {"busy_per_step": summary["busy"] / args.steps, "idle_per_step": summary["idle"] / args.steps,
                        "idle_fraction": summary["idle_fraction"], "costs": summary["costs"],
                        "min_costs": min_costs(records), "peak_activation_bytes": summary["peak_activation_bytes"]}

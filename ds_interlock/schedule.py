@@ -142,7 +142,7 @@ def interlocked(routing, micro_batches, max_live=None):
     Built by list scheduling over unit costs (F = I = 1, W = 2): every stage, whenever
     it is free, takes the most urgent task that is ready: an input-gradient chain
     (a stage upstream waits for it), then a forward while fewer than ``max_live``
-    micro-batches hold activations (default k + 1), then a weight-gradient chain.
+    micro-batches hold activations (default k + 1; 1 for k = 1), then a weight-gradient chain.
     Receives are placed just before the first task that needs them, in channel order;
     sends right after the task that made the tensor. Nothing waits on a stage more
     than k-1 downstream, because no task needs anything from further away.
@@ -151,7 +151,8 @@ def interlocked(routing, micro_batches, max_live=None):
     if k == S and routing.combine == "furthest" and max_live is None:
         # nothing is truncated: plain backprop, for which 1F1B's order is already the best
         return Schedule("interlocked", routing, M, one_f_one_b(routing, M).stages)
-    cap = max_live or (k + 1)
+    # local learning never waits, so one live micro-batch loses nothing and halves memory
+    cap = max_live or (1 if k == 1 else k + 1)
     INF = float("inf")
     cost = {"forward": 1.0, "input_grad": 1.0, "weight_grad": 2.0}
     acts = [[] for _ in range(S)]
