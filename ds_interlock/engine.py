@@ -50,7 +50,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         self.interlocking = interlocking or InterlockingConfig()
         self.routing = Routing(self.num_stages, self.interlocking.resolve_k(self.num_stages),
                                self.interlocking.combine)
-        self.wire = Wire(self.device)
+        self.wire = Wire(self.device, static_shapes=not self.module.dynamic_shape)
         self._stage_params = self.module.stage_parameters()
         self._head_params = [p for p in self.module.aux_heads.parameters() if p.requires_grad]
         self.stage_losses = None        # per-stage mean losses of the last train_batch (list of S floats)
@@ -119,6 +119,10 @@ class InterlockingPipelineEngine(PipelineEngine):
             logits, self._eval_logits = self._eval_logits, None
             return out, logits
         return out
+
+    def reset_activation_shape(self):
+        super().reset_activation_shape()
+        self.wire.reset_shapes()
 
     # ------------------------------------------------------------------ execution
     def _plan(self, kind, micro_batches):

@@ -81,7 +81,9 @@ EQUIV = [dict(name="stock_adam", S=2, M=2, same_batch=True, stock=True, optimize
          dict(name="k2_clip", S=2, M=2, k=2, combine="sum", w=1.0, optimizer="sgd", lr=1.0, clip=0.05),
          dict(name="k2_stage_clip", S=2, M=2, k=2, combine="sum", w=1.0, optimizer="sgd", lr=1.0, clip=0.05,
               il={"clip_scope": "stage"}),
-         dict(name="async_report", S=2, M=2, k=1, combine="sum", optimizer="adam", steps=4, il={"report": "async"})]
+         dict(name="async_report", S=2, M=2, k=1, combine="sum", optimizer="adam", steps=4, il={"report": "async"}),
+         dict(name="dynamic_shapes", S=2, M=2, k=2, combine="sum", w=1.0, steps=2, dynamic_shape=True,
+              seq_by_step=[5, 9])]
 CKPT = [dict(name="ckpt_full", S=2, M=2, k=1, combine="sum", optimizer="adam", steps=6),
         dict(name="ckpt_first", S=2, M=2, k=1, combine="sum", optimizer="adam", steps=3, save_dir="@CKPT@")]
 
@@ -201,6 +203,20 @@ def check_stage_clipping(free, clipped, init, max_norm, rtol, off_tol=None):
             coefs[stage] = coef
     # and the factors really differ between stages (a global norm would give one factor)
     assert max(coefs.values()) > (1 + 4 * rtol) * min(coefs.values()), coefs
+
+
+def test_dynamic_activation_shapes(two_procs):
+    """Shapes are sent once and then assumed (like DeepSpeed's pipeline); a module built with
+    dynamic_shape=True may change them every batch: here step 2 runs on longer sequences,
+    and every head's loss matches the reference with the parameters after step 1."""
+    results, _ = two_procs
+    case = next(c for c in EQUIV if c["name"] == "dynamic_shapes")
+    recs = results["dynamic_shapes"]
+    parts, batches, specs, init, new = reference_for(dict(case, M=2), recs, 2)
+    longer = [[tm.batch(1, 0, m, seq=9) for m in range(2)]]
+    for r in recs:
+        assert r["stage_losses"][0] == pytest.approx(ref.stage_losses(specs, parts, init, batches), rel=1e-5)
+        assert r["stage_losses"][1] == pytest.approx(ref.stage_losses(specs, parts, new, longer), rel=1e-5)
 
 
 def test_stage_local_clipping_and_async_losses(two_procs):

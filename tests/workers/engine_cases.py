@@ -52,7 +52,8 @@ def build(case, world):
     S = case["S"]
     specs = tm.layer_specs(blocks=case.get("blocks", 4), tied=case.get("tied", False))
     common = dict(num_stages=S, loss_fn=tm.loss_fn, partition_method="uniform",
-                  activation_checkpoint_interval=case.get("ckpt_interval", 0))
+                  activation_checkpoint_interval=case.get("ckpt_interval", 0),
+                  dynamic_shape=case.get("dynamic_shape", False))
     if case.get("stock"):
         return PipelineModule(layers=specs, **common)
     heads = case.get("heads", True)
@@ -72,7 +73,9 @@ def data_iter(case, engine, step):
     M = case.get("M", 2)
     dp_rank = engine.grid.data_parallel_id
     seed = case.get("seed", 0) + (0 if case.get("same_batch") else step)
-    return iter([tm.batch(seed, dp_rank, m) for m in range(M)])
+    seqs = case.get("seq_by_step")
+    seq = seqs[step % len(seqs)] if seqs else 5
+    return iter([tm.batch(seed, dp_rank, m, seq=seq) for m in range(M)])
 
 
 class Pairs(torch.utils.data.Dataset):
