@@ -174,7 +174,10 @@ class InterlockingPipelineEngine(PipelineEngine):
 
     def _local_losses(self, micro_batches):
         v = torch.zeros(self.num_stages, dtype=torch.float64, device=self.device)
-        v[self.stage_id] = self._loss_sum / (micro_batches * self.dp_world_size)
+        if self.stage_id < self.num_stages - 1 and self.module.aux_head is None:
+            v[self.stage_id] = float("nan")     # no probe head on this stage: no loss to report
+        else:
+            v[self.stage_id] = self._loss_sum / (micro_batches * self.dp_world_size)
         return v
 
     def _aggregate_losses(self, micro_batches):

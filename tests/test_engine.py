@@ -167,6 +167,8 @@ def test_gradient_clipping(two_procs):
     results, _ = two_procs
     # global mode clips exactly like DeepSpeed does
     assert results["global_clip"][0]["losses"] == pytest.approx(results["stock_clip"][0]["losses"], rel=1e-5)
+    stage0 = results["global_clip"][0]["stage_losses"][0][0]
+    assert stage0 != stage0                     # no aux head there: NaN, not a made-up 0
     # interlocked: DeepSpeed's clipping applies one coefficient to every stage and aux head.
     # DeepSpeed 0.19.8 computes that norm from model-parallel rank 0 only, i.e. from stage 0's
     # gradients (runtime/utils.py clip_grad_norm_); stock pipelines behave the same (checked above).
