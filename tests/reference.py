@@ -26,7 +26,7 @@ def build_stage(specs, start, stop, stage_id, num_stages, aux_head):
     return mods, forward, head
 
 
-def reference_step(specs, parts, k, combine, weight, batches, heads=True, lr=1.0, vocab=11, dim=8):
+def reference_step(specs, parts, k, combine, weight, batches, heads=True, lr=1.0, vocab=11, dim=8, start=None):
     """(initial, updated) parameters around one SGD(lr) step, as {name: tensor}.
 
     ``batches[r][m]`` is micro-batch m of data-parallel replica r. Tied modules get the
@@ -42,6 +42,10 @@ def reference_step(specs, parts, k, combine, weight, batches, heads=True, lr=1.0
         if head is not None:
             for pname, p in head.named_parameters():
                 params[(s, f"aux_heads.{s}.{pname}")] = p
+    if start is not None:               # continue from given parameters (several steps)
+        with torch.no_grad():
+            for (s, name), p in params.items():
+                p.copy_(start[name])
     grads = {key: torch.zeros_like(p) for key, p in params.items()}
 
     def trained_by(j):

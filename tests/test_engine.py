@@ -237,10 +237,28 @@ def test_stage_local_clipping_and_async_losses(two_procs):
 
 # ---------------------------------------------------------------- 3 processes
 CASES_3 = [grad_case(3, k, c, schedule=n) for k in (1, 2, 3) for c in ("furthest", "sum") for n in SCHEDULES]
+MULTI_STEP = [dict(name="three_sgd_steps", S=3, k=2, combine="sum", M=2, w=0.5, lr=0.5, steps=3),
+              dict(name="three_sgd_steps_furthest", S=3, k=2, combine="furthest", M=2, w=1.0, lr=0.5, steps=3)]
 
 
 def test_gradients_three_stages(tmp_path):
-    check_grads(run_cases(3, CASES_3, str(tmp_path)), CASES_3, world=3)
+    results = run_cases(3, CASES_3 + MULTI_STEP, str(tmp_path))
+    check_grads(results, CASES_3, world=3)
+    # several steps stay exact: the reference takes the same SGD steps on the same batches
+    for case in MULTI_STEP:
+        recs = results[case["name"]]
+        parts = [r["part"] for r in sorted(recs, key=lambda r: r["stage"])]
+        specs, params = tm.layer_specs(), None
+        for step in range(case["steps"]):
+            batches = [[tm.batch(step, 0, m) for m in range(case["M"])]]
+            want = ref.stage_losses(specs, parts, params, batches) if params else None
+            init, params = ref.reference_step(specs, parts, case["k"], case["combine"], case["w"], batches,
+                                              lr=case["lr"], start=params)
+            got = recs[0]["stage_losses"][step]
+            assert got == pytest.approx(want or ref.stage_losses(specs, parts, init, batches), rel=1e-5), step
+        for r in recs:
+            for n, p in r["params"].items():
+                assert torch.allclose(p, params[n], rtol=1e-4, atol=1e-6), (case["name"], n)
 
 
 # ---------------------------------------------------------------- 4 processes
