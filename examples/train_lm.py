@@ -347,8 +347,9 @@ def main(argv=None):
                     print(f"step {step}/{max_steps} loss {float(loss):.4f} aux [{aux}] lr {lr:.3g} "
                           f"{tps:,.0f} tokens/s", flush=True)
                 last_log_time, last_log_step = now, step
-            if not math.isfinite(float(loss)):
-                raise SystemExit(f"loss is {float(loss)} at step {step}")
+            # with "report": "async" the loss is one batch late (NaN after the first step)
+            if engine.stage_losses_step is not None and not math.isfinite(float(loss)):
+                raise SystemExit(f"loss is {float(loss)} at step {engine.stage_losses_step}")
             if args.eval_interval and (step % args.eval_interval == 0 or step == max_steps):
                 run_eval(step)
                 last_log_time = time.time()   # tokens/s counts training time only
