@@ -337,9 +337,11 @@ def main(argv=None):
             if step % args.log_interval == 0 or step == max_steps:
                 now = time.time()
                 tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time, 1e-9)
-                record = {"step": step, "loss": float(loss), "aux_losses": engine.stage_losses[:-1],
+                record = {"step": step, "loss": float(loss), "aux_losses": (engine.stage_losses or [])[:-1],
                           "lr": lr, "tokens_per_s": round(tps, 1),
                           "elapsed_s": round(elapsed_before + now - t0, 3)}
+                if engine.stage_losses_step != step:    # "report": "async": losses of an earlier step
+                    record["loss_step"] = engine.stage_losses_step
                 metrics.write(record)
                 bar.set_postfix(loss=f"{float(loss):.4f}")
                 if rank == 0 and not show_bar:
