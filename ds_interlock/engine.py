@@ -43,6 +43,11 @@ def _float_leaves(x):
     return (tuple(out) if was_tuple else out[0]), [t for t in out if t.requires_grad]
 
 
+def _grads_or_zeros(grads, like):
+    """Gradients to send or keep; a tensor the loss did not reach gets zeros (the peer waits for it)."""
+    return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, like)]
+
+
 class InterlockingPipelineEngine(PipelineEngine):
 
     def __init__(self, *args, interlocking: InterlockingConfig = None, **kwargs):
@@ -264,8 +269,10 @@ class InterlockingPipelineEngine(PipelineEngine):
         with autocast_if_enabled(self):
             out = self.module(st.inputs)
         st.outputs = out
+        if self._training:
+            st.in_grads, st.finished = {}, False   # input gradients still to send; weight_grad done
         if self.stage_id == self.num_stages - 1:
-            loss = self.module.loss_fn(out, st.labels)
+            loss = self.module.loss_fn(out, st.labels)   # outside autocast, as DeepSpeed does
             self._loss_sum += loss.detach().double()
             if self._eval_logits is not None and not self._training:
                 self._eval_logits.append(out.detach())
@@ -278,9 +285,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         head = self.module.aux_head
         if not self._training:
             if head is not None:
-                with autocast_if_enabled(self):
-                    loss = self.module.aux_loss_fn(head(out), st.labels)
-                self._loss_sum += loss.detach().double()
+                self._head_loss(head, out, st.labels)
             return
         st.roots = [t for t in as_list(out)[0] if t.is_floating_point()]
         st.comps = {}
@@ -292,9 +297,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         s = self.stage_id
         z, z_leaves = _float_leaves(out)
         with self._not_metered():    # the head's activations are freed by its backward right here
-            with autocast_if_enabled(self):
-                loss = self.module.aux_loss_fn(head(z), st.labels)
-            self._loss_sum += loss.detach().double()
+            loss = self._head_loss(head, z, st.labels)
             w = self.routing.loss_weight(s, self.interlocking.aux_loss_weight)
             own = self.routing.needs_own_loss_grad(s)
             wants = self._head_params + (z_leaves if own else [])
@@ -302,7 +305,14 @@ class InterlockingPipelineEngine(PipelineEngine):
                 with self._param_grad_section():
                     torch.autograd.backward([loss * (w / M)], inputs=wants)
         if own:
-            st.comps[s] = [zl.grad if zl.grad is not None else torch.zeros_like(zl) for zl in z_leaves]
+            st.comps[s] = _grads_or_zeros([zl.grad for zl in z_leaves], z_leaves)
+
+    def _head_loss(self, head, x, labels):
+        """The aux head's loss on this stage's output; counted for the per-stage report."""
+        with autocast_if_enabled(self):
+            loss = self.module.aux_loss_fn(head(x), labels)
+        self._loss_sum += loss.detach().double()
+        return loss
 
     @contextmanager
     def _not_metered(self):
@@ -328,8 +338,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         st = self._mb[act.mb]
         roots, grads = self._backward_pairs(st, st.comps[act.loss])
         got = torch.autograd.grad(roots, st.leaves, grads, retain_graph=True, allow_unused=True)
-        st.in_grads = getattr(st, "in_grads", {})
-        st.in_grads[act.loss] = [g if g is not None else torch.zeros_like(l) for g, l in zip(got, st.leaves)]
+        st.in_grads[act.loss] = _grads_or_zeros(got, st.leaves)
 
     def _do_weight_grad(self, act):
         st = self._mb[act.mb]
@@ -341,9 +350,8 @@ class InterlockingPipelineEngine(PipelineEngine):
         if roots:
             with self._param_grad_section():
                 torch.autograd.backward(roots, grads, inputs=self._stage_params + leaves)
-        st.in_grads = getattr(st, "in_grads", {})
         if leaves:
-            st.in_grads[fused] = [l.grad if l.grad is not None else torch.zeros_like(l) for l in leaves]
+            st.in_grads[fused] = _grads_or_zeros([l.grad for l in leaves], leaves)
         # the graph is gone; keep only the input gradients still to be sent
         self._mb[act.mb] = SimpleNamespace(in_grads=st.in_grads, finished=True)
         self._release(act.mb)
@@ -355,7 +363,7 @@ class InterlockingPipelineEngine(PipelineEngine):
 
     def _release(self, mb):
         st = self._mb[mb]
-        if getattr(st, "finished", False) and not st.in_grads:
+        if st.finished and not st.in_grads:
             del self._mb[mb]
 
     def _do_reduce_tied(self, act):
