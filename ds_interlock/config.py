@@ -29,6 +29,7 @@ class InterlockingConfig:
     schedule: str = "interlocked"   # order of work per stage, see schedule.py
     clip_scope: str = "deepspeed"   # "stage": clip each stage by its own gradient norm (no cross-stage barrier)
     report: str = "sync"            # "async": per-stage losses arrive one batch late, without a barrier
+    p2p_timeout_s: object = None    # seconds a pipeline receive may wait before the job fails; None = DeepSpeed's
 
     def resolve_k(self, num_stages):
         """k as an integer in 1..S (k > S behaves exactly like k = S)."""
@@ -68,7 +69,7 @@ def from_ds_config(ds_config):
         return InterlockingConfig()
     if not isinstance(block, dict):
         raise InterlockingConfigError(f'"{BLOCK}": expected an object, got {type(block).__name__}')
-    known = {"k", "combine", "aux_loss_weight", "schedule", "clip_scope", "report"}
+    known = {"k", "combine", "aux_loss_weight", "schedule", "clip_scope", "report", "p2p_timeout_s"}
     unknown = sorted(set(block) - known)
     if unknown:
         raise InterlockingConfigError(
@@ -92,5 +93,10 @@ def from_ds_config(ds_config):
     report = block.get("report", "sync")
     if report not in REPORTS:
         _fail("report", f"expected one of {list(REPORTS)}, got {report!r}")
+    timeout = block.get("p2p_timeout_s")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                or not timeout > 0 or timeout == float("inf")):
+        _fail("p2p_timeout_s", f"expected a number of seconds > 0 (or null for DeepSpeed's default), got {timeout!r}")
     return InterlockingConfig(k=k, combine=combine, aux_loss_weight=float(w),
-                              schedule=schedule, clip_scope=clip_scope, report=report)
+                              schedule=schedule, clip_scope=clip_scope, report=report,
+                              p2p_timeout_s=None if timeout is None else float(timeout))

@@ -1,20 +1,14 @@
-"""InterlockingPipelineEngine: executes a schedule (schedule.py) with the gradient math of routing.py.
+"""InterlockingPipelineEngine: DeepSpeed glue around the stage executor (stage.py).
 
-It reuses DeepSpeed's PipelineEngine for everything that is not the pipeline
-order or the backward math: process groups and grid, data loading, gradient
-reduction across data-parallel replicas and tied layers, the optimizer step
-(clipping, bf16, ZeRO-1), checkpoints, timers and the monitor.
-
-Per micro-batch, stage s keeps its *roots* (the float outputs it produced, or
-the loss on the last stage) and, for each loss j it needs, the component
-dL_j/d(root) (already weighted by w_j / micro_batches). Backward work is then:
-  input_grad(j): autograd.grad(roots, stage inputs, component j)  -> sent to s-1
-  weight_grad:   backward(roots, sum of the training components) into the stage's
-                 parameters (and, when fused, also its inputs)
+DeepSpeed's PipelineEngine keeps what is DeepSpeed's: process groups and grid, data
+loading, gradient reduction across data-parallel replicas and tied layers, the optimizer
+step (clipping, bf16, ZeRO-1), checkpoints, timers and the monitor. The order of work is
+a schedule (schedule.py), the gradient math is the executor's, and tensors travel over
+one process group per boundary and direction (wire.py), which commcheck.py proves cannot
+deadlock under NCCL; every plan is checked against that model before it runs.
 """
 import time
 from contextlib import contextmanager
-from types import SimpleNamespace
 
 import torch
 from deepspeed import comm as dist
@@ -23,29 +17,14 @@ from deepspeed.runtime.torch_autocast import autocast_if_enabled
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from deepspeed.utils import logger
 
+from . import commcheck
 from . import schedule as sched
 from .config import InterlockingConfig
 from .module import default_checkpoint_func
 from .routing import Routing
+from .stage import StageExecutor, StageHooks, as_list
 from .stage_local import make_optimizer_stage_local
-from .wire import Wire, as_list
-
-
-def _float_leaves(x):
-    """Detached copies of a stage input; float tensors require grad (they get input gradients)."""
-    tensors, was_tuple = as_list(x)
-    out = []
-    for t in tensors:
-        t = t.detach()
-        if t.is_floating_point():
-            t.requires_grad_(True)
-        out.append(t)
-    return (tuple(out) if was_tuple else out[0]), [t for t in out if t.requires_grad]
-
-
-def _grads_or_zeros(grads, like):
-    """Gradients to send or keep; a tensor the loss did not reach gets zeros (the peer waits for it)."""
-    return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, like)]
+from .wire import P2PTransport, channel_layout
 
 
 class InterlockingPipelineEngine(PipelineEngine):
@@ -55,15 +34,28 @@ class InterlockingPipelineEngine(PipelineEngine):
         self.interlocking = interlocking or InterlockingConfig()
         self.routing = Routing(self.num_stages, self.interlocking.resolve_k(self.num_stages),
                                self.interlocking.combine)
-        self.wire = Wire(self.device, static_shapes=not self.module.dynamic_shape)
-        self._stage_params = self.module.stage_parameters()
-        self._head_params = [p for p in self.module.aux_heads.parameters() if p.requires_grad]
+        self.layout = channel_layout(self.grid._topo.get_axis_comm_lists("pipe"),
+                                     timeout_s=self.interlocking.p2p_timeout_s)
+        self.layout.warm_up(self.global_rank, self.device)
+        self.transport = P2PTransport(
+            prev_rank=self.grid.stage_to_global(self.stage_id - 1) if self.stage_id > 0 else None,
+            next_rank=self.grid.stage_to_global(self.stage_id + 1) if self.stage_id < self.num_stages - 1 else None,
+            rank=self.global_rank, layout=self.layout, device=self.device,
+            static_shapes=not self.module.dynamic_shape)
+        head = self.module.aux_head
+        self.executor = StageExecutor(
+            self.stage_id, self.routing, forward=self.module, loss_fn=self.module.loss_fn, head=head,
+            aux_loss_fn=self.module.aux_loss_fn, aux_loss_weight=self.interlocking.aux_loss_weight,
+            params=self.module.stage_parameters(), transport=self.transport,
+            hooks=StageHooks(load=self._load_micro_batch, autocast=lambda: autocast_if_enabled(self),
+                             param_grad_section=self._param_grad_section))
+        self._batch_actions = {"reduce_tied": self._exec_reduce_tied_grads,
+                               "reduce_grads": self._exec_reduce_grads,
+                               "step": self._exec_optimizer_step}
         self.stage_losses = None        # per-stage mean losses of the last train_batch (list of S floats)
         self.eval_stage_losses = None   # same for the last eval_batch
-        self._eval_logits = None
         self.stage_losses_step = None   # the optimizer step stage_losses belong to
         self._pending_report = None     # report="async": (work, tensor, step) in flight
-        self._meter = None
         self._plans = {}
         self.profile = None             # a list to record (op, mb, loss, start, end) per action, see profile.py
         self._stage_grid = None
@@ -75,6 +67,9 @@ class InterlockingPipelineEngine(PipelineEngine):
             self.module.activation_checkpoint_func = default_checkpoint_func
             if self.global_rank == 0:
                 logger.info("ds_interlock: using torch's non-reentrant checkpoint for activation checkpointing")
+        # refuse a plan that could deadlock on GPUs now, not an hour into the job
+        self._plan("train", self.micro_batches)
+        self._plan("inference", self.micro_batches)
 
     # ------------------------------------------------------------------ public API
     def train_batch(self, data_iter=None):
@@ -85,11 +80,11 @@ class InterlockingPipelineEngine(PipelineEngine):
         self.module.train()
         self.timers(TRAIN_BATCH_TIMER).start()
         start = time.time()
-        self._run(self._plan("train", self.micro_batches), self.micro_batches, training=True)
+        ctx = self._run(self._plan("train", self.micro_batches), self.micro_batches, training=True)
         if self.interlocking.report == "async":
-            self._report_async()
+            self._report_async(ctx)
         else:
-            self._set_stage_losses(self._aggregate_losses(self.micro_batches), self.global_steps)
+            self._set_stage_losses(self._aggregate_losses(ctx), self.global_steps)
         self.timers(TRAIN_BATCH_TIMER).stop()
         self._report_train(time.time() - start)
         return self.agg_train_loss
@@ -105,12 +100,12 @@ class InterlockingPipelineEngine(PipelineEngine):
         saved_iter = self.data_iterator
         self.set_dataiterator(data_iter)
         micro_batches = num_micro_batches or self.micro_batches
-        self._eval_logits = [] if return_logits else None
         self.flush_losses()      # collectives must not interleave
         try:
             with torch.no_grad():
-                self._run(self._plan("inference", micro_batches), micro_batches, training=False)
-            losses = self._aggregate_losses(micro_batches)
+                ctx = self._run(self._plan("inference", micro_batches), micro_batches, training=False,
+                                eval_logits=return_logits)
+            losses = self._aggregate_losses(ctx)
         finally:
             self.set_dataiterator(saved_iter)
         self.eval_stage_losses = losses.tolist()
@@ -121,74 +116,90 @@ class InterlockingPipelineEngine(PipelineEngine):
                        for s, v in enumerate(self.eval_stage_losses)]
             self.monitor.write_events(events)
         if return_logits:
-            logits, self._eval_logits = self._eval_logits, None
-            return out, logits
+            return out, ctx.eval_logits
         return out
 
     def reset_activation_shape(self):
         super().reset_activation_shape()
-        self.wire.reset_shapes()
+        self.transport.reset_shapes()
 
     # ------------------------------------------------------------------ execution
     def _plan(self, kind, micro_batches):
-        """This stage's action list; generated once per (kind, micro-batch count)."""
+        """This stage's action list; generated and checked once per (kind, micro-batch count).
+
+        The whole pipeline's plan is checked against the NCCL model (commcheck.py) with this
+        job's batch-end collectives: every rank reaches the same verdict, so a plan that
+        could deadlock on GPUs is refused everywhere with the same message."""
         key = (kind, micro_batches)
         if key not in self._plans:
             plan = (sched.inference(self.routing, micro_batches) if kind == "inference" else
                     sched.train_schedule(self.interlocking.schedule, self.routing, micro_batches))
+            commcheck.require_safe(plan, self._batch_end())
             self._plans[key] = plan.for_stage(self.stage_id)
         return self._plans[key]
 
-    def _run(self, actions, micro_batches, training):
-        self._mb = {}
-        self._training = training
-        self._micro_batches = micro_batches
-        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+    def _batch_end(self):
+        """What this job does between batches, for the NCCL model."""
+        clipping = self.gradient_clipping() > 0 or self.using_bf16_optimizer
+        return commcheck.BatchEnd(flush=clipping and self._stage_grid is None,
+                                  report=self.interlocking.report,
+                                  tied=bool(self.module.tied_comms))
+
+    def _run(self, actions, micro_batches, training, eval_logits=False):
+        profile = self.profile
+        ctx = self.executor.start(training, micro_batches, self.device, eval_logits=eval_logits, profile=profile)
+        if profile is not None:
+            from .profile import ActivationMeter
+            ctx.meter = ActivationMeter(self.device)
         try:
-            if self.profile is None:
-                for act in actions:
-                    getattr(self, "_do_" + act.op)(act)
-            else:
-                self._run_profiled(actions)
+            for act in actions:
+                if self.executor.handles(act):
+                    self.executor.execute(act, ctx)
+                else:
+                    t0 = time.perf_counter()
+                    self._batch_actions[act.op]()
+                    if profile is not None:
+                        profile.append((act.op, act.mb, act.loss, t0, time.perf_counter()))
         except BaseException:
             # never wait on peers after a failure: this rank is going down, and waiting
             # for a send to a rank that is itself blocked would hang the job
-            self.wire.pending = []
-            self._mb = {}
+            self.transport.abort()
             raise
-        self.wire.wait_all()
-        self._mb = {}
+        self.transport.release_completed()
+        if profile is not None:
+            profile.append(("peak_activation_bytes", -1, -1, ctx.meter.peak, ctx.meter.peak))
+            ctx.meter = None
+        return ctx
 
-    def _run_profiled(self, actions):
-        from .profile import ActivationMeter
-        clock = time.perf_counter
-        meter = self._meter = ActivationMeter(self.device)
-        for act in actions:
-            t0 = clock()
-            if act.op == "forward":       # what forward saves for backward is the activation memory
-                meter.current = act.mb
-                with meter:
-                    self._do_forward(act)
+    def _load_micro_batch(self, mb):
+        batch = self._next_batch()   # the last stage reads too, like DeepSpeed's does
+        if self.stage_id != 0 or not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            return batch             # the executor names what is wrong with it
+        return self._to_device(batch[0]), self._to_device(batch[1])
+
+    def _to_device(self, x):
+        """The batch load is the one host-to-device copy per micro-batch: pinned and
+        non-blocking on CUDA, so the host never waits for the device here."""
+        tensors, was_tuple = as_list(x)
+        cuda = torch.device(self.device).type == "cuda"
+        moved = []
+        for t in tensors:
+            if cuda and t.device.type == "cpu":
+                t = (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
             else:
-                getattr(self, "_do_" + act.op)(act)
-            if act.op == "weight_grad":
-                meter.release(act.mb)
-            self.profile.append((act.op, act.mb, act.loss, t0, clock()))
-        self.profile.append(("peak_activation_bytes", -1, -1, meter.peak, meter.peak))
-        self._meter = None
+                t = t.to(self.device)
+            moved.append(t.detach())
+        return tuple(moved) if was_tuple else moved[0]
 
-    def _local_losses(self, micro_batches):
+    def _local_losses(self, ctx):
         v = torch.zeros(self.num_stages, dtype=torch.float64, device=self.device)
-        if self.stage_id < self.num_stages - 1 and self.module.aux_head is None:
-            v[self.stage_id] = float("nan")     # no probe head on this stage: no loss to report
-        else:
-            v[self.stage_id] = self._loss_sum / (micro_batches * self.dp_world_size)
+        v[self.stage_id] = self.executor.mean_loss(ctx) / self.dp_world_size
         return v
 
-    def _aggregate_losses(self, micro_batches):
+    def _aggregate_losses(self, ctx):
         """Mean over micro-batches and DP replicas of every stage's loss, known on every rank.
         A collective over all ranks: every stage waits here for the slowest."""
-        v = self._local_losses(micro_batches)
+        v = self._local_losses(ctx)
         if dist.get_world_size() > 1:
             dist.all_reduce(v)
         return v.float()
@@ -198,10 +209,10 @@ class InterlockingPipelineEngine(PipelineEngine):
         self.stage_losses_step = step
         self.agg_train_loss = v[-1].clone()
 
-    def _report_async(self):
+    def _report_async(self, ctx):
         """Start this batch's loss reduction and finish the previous one: no stage waits
         for the others at the end of a batch, and losses arrive one batch late."""
-        v = self._local_losses(self.micro_batches)
+        v = self._local_losses(ctx)
         work = dist.all_reduce(v, async_op=True) if dist.get_world_size() > 1 else None
         previous, self._pending_report = self._pending_report, (work, v, self.global_steps)
         if previous is None:
@@ -221,159 +232,6 @@ class InterlockingPipelineEngine(PipelineEngine):
             pending, self._pending_report = self._pending_report, None
             self._finish_report(pending)
         return self.agg_train_loss
-
-    def _prev_rank(self):
-        return self.grid.stage_to_global(self.stage_id - 1)
-
-    def _next_rank(self):
-        return self.grid.stage_to_global(self.stage_id + 1)
-
-    def _state(self, mb):
-        return self._mb.setdefault(mb, SimpleNamespace())
-
-    def _do_load(self, act):
-        batch = self._next_batch()
-        if self.stage_id != 0:
-            return   # the last stage reads like DeepSpeed's does; its labels travel from stage 0
-        if batch is None:
-            raise RuntimeError("stage 0 has no data: pass data_iter= to train_batch()/eval_batch() "
-                               "or training_data= to initialize()")
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError("a batch must be an (inputs, labels) pair, as DeepSpeed's pipeline expects")
-        st = self._state(act.mb)
-        st.inputs = self._to_device(batch[0])
-        st.labels = self._to_device(batch[1])
-
-    def _to_device(self, x):
-        tensors, was_tuple = as_list(x)
-        tensors = [t.to(self.device).detach() for t in tensors]
-        return tuple(tensors) if was_tuple else tensors[0]
-
-    def _do_recv_act(self, act):
-        st = self._state(act.mb)
-        inputs, st.labels = self.wire.recv_structured(self._prev_rank())
-        if self._training:
-            st.inputs, st.leaves = _float_leaves(inputs)
-        else:
-            st.inputs, st.leaves = inputs, []
-
-    def _do_send_act(self, act):
-        st = self._mb[act.mb]
-        self.wire.send_structured([st.outputs, st.labels], self._next_rank())
-        if not self._training:
-            del self._mb[act.mb]
-
-    def _do_forward(self, act):
-        st = self._mb[act.mb]
-        M = self._micro_batches
-        with autocast_if_enabled(self):
-            out = self.module(st.inputs)
-        st.outputs = out
-        if self._training:
-            st.in_grads, st.finished = {}, False   # input gradients still to send; weight_grad done
-        if self.stage_id == self.num_stages - 1:
-            loss = self.module.loss_fn(out, st.labels)   # outside autocast, as DeepSpeed does
-            self._loss_sum += loss.detach().double()
-            if self._eval_logits is not None and not self._training:
-                self._eval_logits.append(out.detach())
-            if self._training:
-                st.roots = [loss]
-                st.comps = {self.stage_id: [torch.full_like(loss, 1.0 / M)]}
-            else:
-                del self._mb[act.mb]
-            return
-        head = self.module.aux_head
-        if not self._training:
-            if head is not None:
-                self._head_loss(head, out, st.labels)
-            return
-        st.roots = [t for t in as_list(out)[0] if t.is_floating_point()]
-        st.comps = {}
-        if head is not None:
-            self._aux_forward_backward(st, head, out, M)
-
-    def _aux_forward_backward(self, st, head, out, M):
-        """The head's loss, its own gradient, and the component dL_s/dh_s if the stage needs it."""
-        s = self.stage_id
-        z, z_leaves = _float_leaves(out)
-        with self._not_metered():    # the head's activations are freed by its backward right here
-            loss = self._head_loss(head, z, st.labels)
-            w = self.routing.loss_weight(s, self.interlocking.aux_loss_weight)
-            own = self.routing.needs_own_loss_grad(s)
-            wants = self._head_params + (z_leaves if own else [])
-            if wants and loss.requires_grad:
-                with self._param_grad_section():
-                    torch.autograd.backward([loss * (w / M)], inputs=wants)
-        if own:
-            st.comps[s] = _grads_or_zeros([zl.grad for zl in z_leaves], z_leaves)
-
-    def _head_loss(self, head, x, labels):
-        """The aux head's loss on this stage's output; counted for the per-stage report."""
-        with autocast_if_enabled(self):
-            loss = self.module.aux_loss_fn(head(x), labels)
-        self._loss_sum += loss.detach().double()
-        return loss
-
-    @contextmanager
-    def _not_metered(self):
-        meter = self._meter
-        if meter is None:
-            yield
-            return
-        mb, meter.current = meter.current, -1
-        try:
-            yield
-        finally:
-            meter.current = mb
-
-    def _do_recv_grad(self, act):
-        st = self._mb[act.mb]
-        st.comps[act.loss] = self.wire.recv_like(st.roots, self._next_rank())
-
-    def _backward_pairs(self, st, comp):
-        pairs = [(r, g) for r, g in zip(st.roots, comp) if r.requires_grad]
-        return [r for r, _ in pairs], [g for _, g in pairs]
-
-    def _do_input_grad(self, act):
-        st = self._mb[act.mb]
-        roots, grads = self._backward_pairs(st, st.comps[act.loss])
-        got = torch.autograd.grad(roots, st.leaves, grads, retain_graph=True, allow_unused=True)
-        st.in_grads[act.loss] = _grads_or_zeros(got, st.leaves)
-
-    def _do_weight_grad(self, act):
-        st = self._mb[act.mb]
-        train = self.routing.trains(self.stage_id)
-        combined = [sum(parts) for parts in zip(*(st.comps[j] for j in train))]
-        roots, grads = self._backward_pairs(st, combined)
-        fused = self.routing.fused_input(self.stage_id)
-        leaves = st.leaves if fused is not None and self.stage_id > 0 else []
-        if roots:
-            with self._param_grad_section():
-                torch.autograd.backward(roots, grads, inputs=self._stage_params + leaves)
-        if leaves:
-            st.in_grads[fused] = _grads_or_zeros([l.grad for l in leaves], leaves)
-        # the graph is gone; keep only the input gradients still to be sent
-        self._mb[act.mb] = SimpleNamespace(in_grads=st.in_grads, finished=True)
-        self._release(act.mb)
-
-    def _do_send_grad(self, act):
-        st = self._mb[act.mb]
-        self.wire.send_tensors(st.in_grads.pop(act.loss), self._prev_rank())
-        self._release(act.mb)
-
-    def _release(self, mb):
-        st = self._mb[mb]
-        if st.finished and not st.in_grads:
-            del self._mb[mb]
-
-    def _do_reduce_tied(self, act):
-        self._exec_reduce_tied_grads()
-
-    def _do_reduce_grads(self, act):
-        self._exec_reduce_grads()
-
-    def _do_step(self, act):
-        self._exec_optimizer_step()
 
     def clip_fp32_gradients(self):
         if self._stage_grid is None:

@@ -8,7 +8,7 @@ measured cost model).
 """
 import torch
 
-COMPUTE = ("forward", "input_grad", "weight_grad")
+from .actions import COMPUTE
 
 
 class ActivationMeter:

@@ -1,5 +1,8 @@
 """Replays a Schedule the way the engine runs it, to prove it correct and to time it.
 
+    python -m ds_interlock.replay --transport nccl         # the whole matrix, NCCL's rules
+    python -m ds_interlock.replay --transport nccl --layout shared --stages 2 --k 2 -v
+
 One rule set serves the checker and the simulator: sends never block (isend),
 a receive waits for the matching send, and messages on one channel arrive in the
 order they were sent. Each action's local needs are in ``local_needs``.
@@ -16,11 +19,7 @@ class ScheduleError(Exception):
     pass
 
 
-UNIT_COSTS = {"forward": 1.0, "input_grad": 1.0, "weight_grad": 2.0}   # ALGORITHM.md §3, in units of F
-
-
-def unit_cost(stage, action):
-    return UNIT_COSTS.get(action.op, 0.0)
+from .actions import UNIT_COSTS, unit_cost  # noqa: F401  (re-exported: the cost model of the docs)
 
 
 @dataclass
@@ -189,3 +188,105 @@ def _check_complete(schedule):
                 b += 1
             elif a.mb >= 0 and batch_of(a) != b:
                 raise ScheduleError(f"stage {s}: {a} of batch {batch_of(a)} runs inside batch {b}")
+
+
+# ---------------------------------------------------------------- command line
+
+def _int_list(text):
+    """'2-8', '1,2,4' or '2-4,8' -> [ints]."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            out += list(range(int(lo), int(hi) + 1))
+        elif part:
+            out.append(int(part))
+    if not out or min(out) < 1:
+        raise ValueError(f"expected positive integers like '2-8' or '1,2,4', got {text!r}")
+    return out
+
+
+def _check_one(job):
+    from .commcheck import run_case
+    case, transport, layout, logger_sync = job
+    return str(case), run_case(case, transport, layout, logger_sync)
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    import time
+    from .commcheck import LAYOUTS, check_deepspeed, matrix
+
+    p = argparse.ArgumentParser(
+        prog="python -m ds_interlock.replay",
+        description="Check that every schedule ds_interlock generates runs to completion: under gloo's "
+                    "buffered sends, or under a model of NCCL's stream rules (no deadlock on GPUs).")
+    p.add_argument("--transport", choices=("nccl", "gloo"), default="nccl")
+    p.add_argument("--layout", choices=LAYOUTS, default="channel",
+                   help="which communicator carries which message (nccl only): channel = one group per boundary "
+                        "and direction (what the engine uses); shared = everything on the default group "
+                        "(DeepSpeed's eager NCCL init; the old layout); pair = one per pair of ranks; "
+                        "direction = one per direction for the whole pipeline")
+    p.add_argument("--stages", default="2-16", help="stage counts, e.g. 2-8 or 2,4,8")
+    p.add_argument("--k", default="all", help="k values (all = 1..S)")
+    p.add_argument("--micro_batches", default="1,2,4,8,16,32,64")
+    p.add_argument("--combine", default="furthest,sum")
+    p.add_argument("--schedules", default="1f1b,interlocked")
+    p.add_argument("--batches", default="1,3", help="back-to-back batches per check (>1 also without flush)")
+    p.add_argument("--comms_logger", action="store_true",
+                   help="model DeepSpeed's comms_logger: a device synchronize after every send")
+    p.add_argument("--deepspeed", action="store_true",
+                   help="also check DeepSpeed's own TrainSchedule (blocking sends) under --layout shared/pair")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every deadlock's wait-for cycle")
+    args = p.parse_args(argv)
+    try:
+        stages = _int_list(args.stages)
+        ks = None if args.k == "all" else _int_list(args.k)
+        mbs = _int_list(args.micro_batches)
+        batches = _int_list(args.batches)
+    except ValueError as exc:
+        p.error(str(exc))
+    combines = [c.strip() for c in args.combine.split(",") if c.strip()]
+    schedules = [c.strip() for c in args.schedules.split(",") if c.strip()]
+    start = time.time()
+    jobs = ((case, args.transport, args.layout, args.comms_logger)
+            for case in matrix(stages, ks, mbs, combines, schedules, batches))
+    n = bad = 0
+    first = None
+    if args.jobs > 1:
+        import multiprocessing
+        pool = multiprocessing.Pool(args.jobs)
+        results = pool.imap_unordered(_check_one, jobs, chunksize=8)
+    else:
+        results = map(_check_one, jobs)
+    for name, why in results:
+        n += 1
+        if why:
+            bad += 1
+            first = first or (name, why)
+            if args.verbose:
+                print(f"DEADLOCK {name}:\n{why}\n", flush=True)
+        if n % 500 == 0:
+            print(f"  {n} checked, {bad} deadlocks ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+    if args.deepspeed:
+        for S in stages:
+            for M in mbs:
+                for B in batches:
+                    n += 1
+                    result = check_deepspeed(S, M, B, "pair" if args.layout == "pair" else "shared")
+                    if not result.ok:
+                        bad += 1
+                        first = first or (f"DeepSpeed TrainSchedule S={S} M={M} batches={B}", str(result.deadlock))
+    if first and not args.verbose:
+        print(f"first deadlock: {first[0]}\n{first[1]}\n")
+    layout = args.layout if args.transport == "nccl" else "buffered sends"
+    print(f"{n} schedules checked under {args.transport} ({layout}): {bad} deadlocks "
+          f"[{time.time() - start:.0f} s]")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,45 +3,14 @@
 The engine executes a stage's list; tests check and simulate all lists together.
 Nothing else describes a schedule, so what is checked is what runs.
 
-Actions (``mb`` = micro-batch, ``loss`` = which loss's gradient component):
-
-    load(mb)              read the next batch from the data iterator
-    recv_act / send_act   activations (and labels) from stage s-1 / to stage s+1
-    forward(mb)           stage forward, plus the aux head's loss and backward
-    recv_grad(mb, loss)   one gradient component from stage s+1
-    input_grad(mb, loss)  one input-gradient chain: dL_loss/d(stage input)
-    weight_grad(mb)       the weight-gradient chain of the combined components
-                          (also yields Routing.fused_input's input gradient)
-    send_grad(mb, loss)   one input gradient to stage s-1
-    reduce_tied, reduce_grads, step   once per batch, DeepSpeed's own
+The actions and what each one does are listed in actions.py.
 """
 from dataclasses import dataclass
 
+from .actions import PER_BATCH, Action
 from .routing import Routing
 
-SHORT = {"load": "L", "recv_act": "rA", "forward": "F", "send_act": "sA", "recv_grad": "rG",
-         "input_grad": "I", "weight_grad": "W", "send_grad": "sG", "reduce_tied": "T",
-         "reduce_grads": "R", "step": "O"}
-PER_BATCH = ("reduce_tied", "reduce_grads", "step")
-
-
-@dataclass(frozen=True)
-class Action:
-    op: str
-    mb: int = -1
-    loss: int = -1
-
-    def __post_init__(self):
-        if self.op not in SHORT:
-            raise ValueError(f"unknown action {self.op!r}")
-
-    def __str__(self):
-        s = SHORT[self.op]
-        if self.mb >= 0:
-            s += str(self.mb)
-        if self.loss >= 0:
-            s += f".{self.loss}"
-        return s
+__all__ = ["Action", "Schedule", "one_f_one_b", "interlocked", "inference", "train_schedule", "SCHEDULES"]
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .replay import replay, unit_cost
+from .actions import COMPUTE, unit_cost
+from .replay import replay
 
-COMPUTE = ("forward", "input_grad", "weight_grad")
 COLORS = {"forward": "#4c72b0", "input_grad": "#dd8452", "weight_grad": "#55a868"}
 OTHER_COLOR = "#8c8c8c"
 

@@ -1,83 +1,163 @@
-"""Point-to-point messages between neighbouring stages, over DeepSpeed's comm layer.
+"""Point-to-point transport between pipeline stages in different processes (gloo or NCCL).
 
-Sends are asynchronous (isend) and kept alive until the batch ends, so a stage
-never blocks on a send; receives block. A schedule is then deadlock-free exactly
-when every receive's matching send is eventually issued (schedule checker).
-Messages between one pair of ranks arrive in the order they were sent.
+Why it looks like this (docs/gpu.md has the long form): under NCCL every send and receive
+is a kernel that holds its communicator's stream until the peer's matching call runs, and
+the operations of one communicator run in issue order. If activations (s -> s+1) and
+gradients (s+1 -> s) share a communicator, two stages can each wait for an operation the
+other queued behind its own: a deadlock for every k >= 2 with more than one micro-batch.
+So every boundary and direction gets its own 2-rank process group (``ChannelLayout``):
+each communicator then carries one FIFO channel with one sender and one receiver, which is
+exactly the model replay.py proves schedules against. commcheck.py checks that claim by
+driving this very class with a recording ``Comm`` and simulating NCCL's rules.
+
+Sends are asynchronous and their buffers live until they complete; receives make the
+caller wait (the host under gloo, only the current stream under NCCL). Shapes travel once
+per channel in a header (static shapes, DeepSpeed's default): the only host sync here.
 """
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Callable, Optional
+
 import torch
-from deepspeed import comm as dist
+import torch.distributed as tdist
+
+from .stage import as_list, from_list
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8,
           torch.int16, torch.int32, torch.int64, torch.bool]
 META_LEN = 128
 
 
-def as_list(x):
-    """Tensor or tuple/list of tensors -> (list, was_tuple)."""
-    if torch.is_tensor(x):
-        return [x], False
-    if isinstance(x, (tuple, list)) and all(torch.is_tensor(t) for t in x):
-        return list(x), True
-    raise TypeError(f"pipeline stages exchange a tensor or a tuple of tensors, got {type(x).__name__}")
+class Comm:
+    """The three primitives the transport uses, over torch.distributed.
+
+    Straight to torch, not through deepspeed.comm: DeepSpeed's comms_logger wraps its own
+    functions with a device synchronize before and after each call, and a host that waits
+    for each send brings the deadlocks back (commcheck.py shows it).
+    """
+
+    def isend(self, tensor: torch.Tensor, peer: int, group: Any) -> Any:
+        return tdist.isend(tensor, peer, group=group)
+
+    def irecv(self, tensor: torch.Tensor, peer: int, group: Any) -> Any:
+        return tdist.irecv(tensor, peer, group=group)
+
+    def to_host(self, tensor: torch.Tensor) -> list:
+        return tensor.tolist()
+
+    def upload(self, tensor: torch.Tensor, device: Any) -> torch.Tensor:
+        """Host tensor to the device without a host sync (pinned, non-blocking on CUDA)."""
+        if torch.device(device).type == "cuda":
+            return tensor.pin_memory().to(device, non_blocking=True)
+        return tensor.to(device)
 
 
-def from_list(tensors, was_tuple):
-    return tuple(tensors) if was_tuple else tensors[0]
+class SharedLayout:
+    """Every message on the default process group: the layout that deadlocks under NCCL.
+    Kept so the checker can show why ``ChannelLayout`` exists."""
+    name = "shared"
+
+    def group(self, src: int, dst: int, kind: str) -> Any:
+        return None
 
 
-class Wire:
-    """``static_shapes``: like DeepSpeed's pipeline (module ``dynamic_shape=False``), shapes are
+class ChannelLayout:
+    """One 2-rank process group per pipeline boundary and direction.
+
+    ``pipe_lists``: the global ranks of every pipeline (one list per data-parallel /
+    tensor-slice coordinate, ordered by stage), as DeepSpeed's topology gives them
+    (``topo.get_axis_comm_lists("pipe")``). Every rank must build the layout, in the same
+    order, because creating a process group is collective over the whole job.
+    """
+    name = "channel"
+
+    def __init__(self, pipe_lists: list[list[int]],
+                 new_group: Callable[[list[int]], Any] = lambda ranks: tdist.new_group(ranks)) -> None:
+        self._groups: dict[tuple[int, int], Any] = {}
+        for ranks in sorted(pipe_lists):
+            for a, b in zip(ranks, ranks[1:]):
+                self._groups[(a, b)] = new_group([a, b])   # activations a -> b
+                self._groups[(b, a)] = new_group([a, b])   # gradients b -> a: a communicator of its own
+
+    @property
+    def num_groups(self) -> int:
+        return len(self._groups)
+
+    def warm_up(self, rank: int, device: Any, comm: Optional["Comm"] = None) -> None:
+        """One tiny message over each of this rank's channels, in one global order, so that
+        NCCL connects every communicator at start-up rather than in the middle of a step."""
+        comm = comm or Comm()
+        for (src, dst), group in sorted(self._groups.items()):
+            if rank == src:
+                comm.isend(torch.zeros(1, device=device), dst, group).wait()
+            elif rank == dst:
+                comm.irecv(torch.zeros(1, device=device), src, group).wait()
+
+    def group(self, src: int, dst: int, kind: str) -> Any:
+        return self._groups[(src, dst)]
+
+
+_LAYOUTS: dict = {}
+
+
+def channel_layout(pipe_lists: list[list[int]], timeout_s: Optional[float] = None) -> ChannelLayout:
+    """The job's ChannelLayout, created once per process (engines built later reuse its groups).
+
+    ``timeout_s``: how long a receive may wait before the job fails. None: DeepSpeed's
+    default (10 minutes unless DEEPSPEED_TIMEOUT says otherwise); torch's new_group would
+    otherwise use its own default, not the job's."""
+    from deepspeed.constants import default_pg_timeout
+
+    key = (tuple(map(tuple, sorted(pipe_lists))), timeout_s)
+    if key not in _LAYOUTS:
+        timeout = default_pg_timeout if timeout_s is None else timedelta(seconds=timeout_s)
+        _LAYOUTS[key] = ChannelLayout(pipe_lists, new_group=lambda ranks: tdist.new_group(ranks, timeout=timeout))
+    return _LAYOUTS[key]
+
+
+class P2PTransport:
+    """A stage's transport to its neighbours (stage.Transport) over process groups.
+
+    ``prev_rank`` / ``next_rank``: global ranks of stages s-1 and s+1 (None at the ends).
+    ``static_shapes``: like DeepSpeed's pipeline (module ``dynamic_shape=False``), shapes are
     sent once per channel and then assumed; a change raises on the sending side instead of
-    corrupting the receiver. Saves a message and, on GPUs, a host sync per activation."""
+    corrupting the receiver.
+    """
 
-    def __init__(self, device, static_shapes=True):
+    def __init__(self, prev_rank: Optional[int], next_rank: Optional[int], rank: int, layout: Any,
+                 device: Any, static_shapes: bool = True, comm: Optional[Comm] = None) -> None:
+        self.prev, self.next, self.rank = prev_rank, next_rank, rank
+        self.layout = layout
         self.device = device
         self.static = static_shapes
-        self.pending = []   # (work, tensor): the tensor must live until the send completes
-        self._sent_meta = {}     # dst -> header last sent
-        self._recv_meta = {}     # src -> header last received
+        self.comm = comm or Comm()
+        self.pending: list[tuple[Any, torch.Tensor]] = []   # (work, buffer): buffers live until sent
+        self._sent_meta: Optional[list[int]] = None
+        self._recv_meta: Optional[list[int]] = None
 
-    def reset_shapes(self):
-        """Call on every rank together when activation shapes change (DeepSpeed's reset_activation_shape)."""
-        self._sent_meta, self._recv_meta = {}, {}
-
-    def _isend(self, tensor, dst):
-        tensor = tensor.contiguous()
-        self.pending.append((dist.isend(tensor, dst), tensor))
-
-    def send_structured(self, parts, dst):
-        """Send several tensors-or-tuples (e.g. activations, labels) with their shapes."""
-        meta = [len(parts)]
-        flat = []
-        for part in parts:
-            tensors, was_tuple = as_list(part)
-            meta += [len(tensors), int(was_tuple)]
-            for t in tensors:
-                meta += [DTYPES.index(t.dtype), t.dim(), *t.shape]
-            flat += tensors
-        if len(meta) > META_LEN:
-            raise ValueError(f"message metadata too long ({len(meta)} > {META_LEN} ints)")
-        known = self._sent_meta.get(dst)
-        if known is None or not self.static:
-            header = torch.zeros(META_LEN, dtype=torch.int64, device=self.device)
+    # ------------------------------------------------------------------ stage.Transport
+    def send_act(self, mb: int, parts: list) -> None:
+        meta, flat = _describe(parts)
+        if self._sent_meta is None or not self.static:
+            header = torch.zeros(META_LEN, dtype=torch.int64)
             header[:len(meta)] = torch.tensor(meta, dtype=torch.int64)
-            self._isend(header, dst)
-            self._sent_meta[dst] = meta
-        elif known != meta:
+            self._isend(self.comm.upload(header, self.device), self.next, "act")   # built on the host
+            self._sent_meta = meta
+        elif self._sent_meta != meta:
             raise RuntimeError(
-                f"activation/label shapes or dtypes sent to rank {dst} changed ({known} -> {meta}); "
-                "build the module with dynamic_shape=True, or call engine.reset_activation_shape() "
+                f"activation/label shapes or dtypes sent to rank {self.next} changed ({self._sent_meta} -> "
+                f"{meta}); build the module with dynamic_shape=True, or call engine.reset_activation_shape() "
                 "on every rank before the change")
         for t in flat:
-            self._isend(t.detach(), dst)
+            self._isend(t.detach(), self.next, "act")
 
-    def recv_structured(self, src):
-        meta = self._recv_meta.get(src) if self.static else None
+    def recv_act(self, mb: int) -> list:
+        meta = self._recv_meta if self.static else None
         if meta is None:
             header = torch.empty(META_LEN, dtype=torch.int64, device=self.device)
-            dist.recv(header, src)
-            meta = self._recv_meta[src] = header.tolist()
+            self._recv(header, self.prev, "act")
+            meta = self._recv_meta = self.comm.to_host(header)   # the one host sync: once per channel
         pos, parts = 1, []
         for _ in range(meta[0]):
             n, was_tuple = meta[pos], meta[pos + 1]
@@ -88,25 +168,66 @@ class Wire:
                 shape = meta[pos + 2:pos + 2 + ndim]
                 pos += 2 + ndim
                 t = torch.empty(shape, dtype=dtype, device=self.device)
-                dist.recv(t, src)
+                self._recv(t, self.prev, "act")
                 tensors.append(t)
             parts.append(from_list(tensors, bool(was_tuple)))
         return parts
 
-    def send_tensors(self, tensors, dst):
-        """Send tensors whose shapes the receiver already knows (gradient components)."""
+    def send_grad(self, mb: int, loss: int, tensors: list) -> None:
         for t in tensors:
-            self._isend(t.detach(), dst)
+            self._isend(t.detach(), self.prev, "grad")
 
-    def recv_like(self, templates, src):
+    def recv_grad(self, mb: int, loss: int, like: list) -> list:
         out = []
-        for t in templates:
+        for t in like:
             buf = torch.empty_like(t, memory_format=torch.contiguous_format)
-            dist.recv(buf, src)
+            self._recv(buf, self.next, "grad")
             out.append(buf)
         return out
 
-    def wait_all(self):
+    # ------------------------------------------------------------------ plumbing
+    def reset_shapes(self) -> None:
+        """Call on every rank together when activation shapes change (DeepSpeed's reset_activation_shape)."""
+        self._sent_meta = self._recv_meta = None
+
+    def _isend(self, tensor: torch.Tensor, dst: int, kind: str) -> None:
+        tensor = tensor.contiguous()
+        work = self.comm.isend(tensor, dst, self.layout.group(self.rank, dst, kind))
+        self.pending.append((work, tensor))
+        if len(self.pending) > 64:
+            self.release_completed()
+
+    def _recv(self, tensor: torch.Tensor, src: int, kind: str) -> None:
+        work = self.comm.irecv(tensor, src, self.layout.group(src, self.rank, kind))
+        if work is not None:
+            work.wait()    # gloo: the host waits; NCCL: only the current stream does
+
+    def release_completed(self) -> None:
+        """Drop the buffers of sends that completed; never waits (a wait could stall a stream)."""
+        self.pending = [(w, t) for w, t in self.pending if w is not None and not w.is_completed()]
+
+    def wait_all(self) -> None:
+        """Wait for every send (before the process group goes away, or before timing)."""
         for work, _ in self.pending:
-            work.wait()
+            if work is not None:
+                work.wait()
         self.pending = []
+
+    def abort(self) -> None:
+        """After a failure on this rank: forget pending sends, never wait on peers."""
+        self.pending = []
+
+
+def _describe(parts: list) -> tuple[list[int], list[torch.Tensor]]:
+    """Header ints (counts, tuple flags, dtypes, shapes) and the flat tensor list of a message."""
+    meta = [len(parts)]
+    flat: list[torch.Tensor] = []
+    for part in parts:
+        tensors, was_tuple = as_list(part)
+        meta += [len(tensors), int(was_tuple)]
+        for t in tensors:
+            meta += [DTYPES.index(t.dtype), t.dim(), *t.shape]
+        flat += tensors
+    if len(meta) > META_LEN:
+        raise ValueError(f"message metadata too long ({len(meta)} > {META_LEN} ints)")
+    return meta, flat
