@@ -129,7 +129,7 @@ class InProcessPipeline:
                  checkpointable_layers: Optional[list] = None, seed_layers: bool = False,
                  seed_fn: Optional[Callable] = None, base_seed: int = 1234,
                  optimizer: Any = None, lr_scheduler: Any = None) -> None:
-        from .initialize import _check_scheduler, _take_our_scheduler
+        from .bootstrap import _check_scheduler, _take_our_scheduler
         from .partition import build_stages
 
         cfg = _load_config(config)

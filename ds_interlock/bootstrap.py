@@ -1,4 +1,4 @@
-"""initialize(): deepspeed.initialize for an InterlockingPipelineModule.
+"""initialize(): deepspeed.initialize for an InterlockingPipelineModule (ds_interlock.initialize).
 
 deepspeed.initialize hard-codes PipelineEngine for a PipelineModule, so this
 mirrors its pipeline branch and builds our engine instead. Same arguments, same
