@@ -189,6 +189,7 @@ class InProcessPipeline:
         self._orders: dict = {}
         self._data: Optional[Iterator] = None
         self.stage_losses: Optional[list] = None
+        self.stage_losses_step: Optional[int] = None   # the step stage_losses belong to (as the engine's)
         self.eval_stage_losses: Optional[list] = None
         self.profile: Optional[list] = None
 
@@ -303,6 +304,7 @@ class InProcessPipeline:
         self._reduce_tied()
         self.engine.step()
         self.stage_losses = self._losses(ctxs)
+        self.stage_losses_step = self.global_steps
         return self.stage_losses[-1]
 
     def eval_batch(self, data_iter: Iterator, num_micro_batches: Optional[int] = None) -> float:
@@ -331,6 +333,12 @@ class InProcessPipeline:
 
     def get_lr(self) -> list:
         return self.engine.get_lr()
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self.engine.train_micro_batch_size_per_gpu() // self.micro_batches
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.micro_batches
 
     def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None) -> None:
         self.engine.save_checkpoint(save_dir, tag=tag, client_state={**(client_state or {}),

@@ -54,6 +54,11 @@ def build_parser():
     p.add_argument("--deepspeed", action="store_true", help="accepted for compatibility; ignored")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the launcher")
+    p.add_argument("--single_process", action="store_true",
+                   help="run every stage in this one process (plain `python`, no launcher): same model, "
+                        "schedule, losses and checkpoints format of its own; one device")
+    p.add_argument("--device", default="auto",
+                   help="--single_process only: cuda, cuda:1, cpu; auto = cuda when available")
     d = p.add_argument_group("data")
     d.add_argument("--data_dir", default=None,
                    help="One Billion Word: raw release dir, its parent or tarball, or a parquet/arrow "
@@ -249,12 +254,17 @@ def main(argv=None):
     from ds_interlock.models import PRESETS, build_lm
     from tqdm import tqdm
 
-    deepspeed.init_distributed()
-    rank = torch.distributed.get_rank()
-    world = torch.distributed.get_world_size()
-    if world % args.num_stages:
+    if args.single_process:
+        rank, world = 0, 1
+        if args.num_stages < 1:
+            raise SystemExit("--num_stages must be >= 1")
+    else:
+        deepspeed.init_distributed()
+        rank = torch.distributed.get_rank()
+        world = torch.distributed.get_world_size()
+    if not args.single_process and world % args.num_stages:
         raise SystemExit(f"world size {world} is not a multiple of --num_stages {args.num_stages}")
-    dp_size = world // args.num_stages
+    dp_size = 1 if args.single_process else world // args.num_stages
     torch.manual_seed(args.seed)
     if args.seq_len is None:
         args.seq_len = PRESETS[args.model].seq_len
@@ -274,12 +284,21 @@ def main(argv=None):
     parts = build_lm(args.model, arch=args.arch, vocab_size=data.vocab_size, seq_len=args.seq_len,
                      tie_embeddings=args.tie_embeddings, num_layers=args.num_layers, init_seed=args.seed)
     seq_len = data.train.seq_len
-    module = InterlockingPipelineModule(layers=parts.layers, num_stages=args.num_stages,
-                                        loss_fn=parts.loss_fn, aux_head=parts.aux_head,
-                                        partition_method=parts.partition_method)
-    params = [p for p in module.parameters() if p.requires_grad]
-    engine, _, _, _ = initialize(model=module, model_parameters=params, config=cfg)
-    dp_rank = engine.grid.data_parallel_id
+    if args.single_process:
+        from ds_interlock import InProcessPipeline
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        engine = InProcessPipeline(layers=parts.layers, num_stages=args.num_stages, loss_fn=parts.loss_fn,
+                                   aux_head=parts.aux_head, partition_method=parts.partition_method,
+                                   config=cfg, devices=device)
+        params = [p for p in engine.model.stages[0].parameters() if p.requires_grad]
+        dp_rank = 0
+    else:
+        module = InterlockingPipelineModule(layers=parts.layers, num_stages=args.num_stages,
+                                            loss_fn=parts.loss_fn, aux_head=parts.aux_head,
+                                            partition_method=parts.partition_method)
+        params = [p for p in module.parameters() if p.requires_grad]
+        engine, _, _, _ = initialize(model=module, model_parameters=params, config=cfg)
+        dp_rank = engine.grid.data_parallel_id
     S = engine.num_stages
 
     consumed, elapsed_before = 0, 0.0
