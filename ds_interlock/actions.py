@@ -4,7 +4,7 @@ A schedule (schedule.py) is a list of these per stage; the executor (stage.py) r
 the replay (replay.py) checks and times them, the NCCL model (commcheck.py) maps them to
 stream operations, and the simulator draws them. Every one of those reads this table.
 
-``mb`` = micro-batch, ``loss`` = which loss's gradient component (ALGORITHM: L_j).
+``mb`` = micro-batch, ``loss`` = which loss's gradient component (docs/algorithm.md: L_j).
 """
 from dataclasses import dataclass
 

@@ -18,13 +18,14 @@ from deepspeed.runtime.activation_checkpointing import checkpointing as ds_check
 from deepspeed.utils import logger
 
 from . import commcheck
+from . import wire
 from . import schedule as sched
 from .config import InterlockingConfig
 from .module import default_checkpoint_func
 from .routing import Routing
 from .stage import StageExecutor, StageHooks, as_list
 from .stage_local import make_optimizer_stage_local
-from .wire import P2PTransport, channel_layout
+from .wire import P2PTransport
 
 
 class InterlockingPipelineEngine(PipelineEngine):
@@ -34,7 +35,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         self.interlocking = interlocking or InterlockingConfig()
         self.routing = Routing(self.num_stages, self.interlocking.resolve_k(self.num_stages),
                                self.interlocking.combine)
-        self.layout = channel_layout(self.grid._topo.get_axis_comm_lists("pipe"),
+        self.layout = wire.channel_layout(self.grid._topo.get_axis_comm_lists("pipe"),
                                      timeout_s=self.interlocking.p2p_timeout_s)
         self.layout.warm_up(self.global_rank, self.device)
         self.transport = P2PTransport(
@@ -134,7 +135,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         if key not in self._plans:
             plan = (sched.inference(self.routing, micro_batches) if kind == "inference" else
                     sched.train_schedule(self.interlocking.schedule, self.routing, micro_batches))
-            commcheck.require_safe(plan, self._batch_end())
+            commcheck.require_safe(plan, self._batch_end(), layout=self.layout.name)
             self._plans[key] = plan.for_stage(self.stage_id)
         return self._plans[key]
 

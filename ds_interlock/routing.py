@@ -1,4 +1,4 @@
-"""Which loss's gradient goes where (ALGORITHM.md §1-§2), as plain integers.
+"""Which loss's gradient goes where (docs/algorithm.md), as plain integers.
 
 Stage ``s`` owns loss ``L_s`` (an aux loss for s < S-1, the true loss for s = S-1).
 ``L_j`` flows back through stages ``j, j-1, ..., j-k+1``. A *component* is

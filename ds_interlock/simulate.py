@@ -4,7 +4,7 @@ Everything here consumes a ``Schedule`` and ``replay``: the simulator never has 
 idea of what a schedule is, so what is timed is what the engine runs.
 
 Cost models are callables ``cost(stage, action) -> duration``, as ``replay`` takes them:
-``unit_cost`` (ALGORITHM.md §3: F = I = 1, W = 2, messages free) or ``cost_from_json``
+``unit_cost`` (docs/algorithm.md: F = I = 1, W = 2, messages free) or ``cost_from_json``
 (per-stage seconds per op, profiled from a real run).
 """
 import json

@@ -61,6 +61,9 @@ class SharedLayout:
     def group(self, src: int, dst: int, kind: str) -> Any:
         return None
 
+    def warm_up(self, rank: int, device: Any, comm: Optional["Comm"] = None) -> None:
+        pass
+
 
 class ChannelLayout:
     """One 2-rank process group per pipeline boundary and direction.

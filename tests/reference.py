@@ -1,4 +1,4 @@
-"""Single-process reference for ALGORITHM.md §1, written with plain autograd and no
+"""Single-process reference for docs/algorithm.md, written with plain autograd and no
 pipeline code: every loss L_j is computed on a forward whose input to stage j-k+1 is
 detached, and differentiated w.r.t. each stage's own copy of its parameters."""
 import torch

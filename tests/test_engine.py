@@ -1,6 +1,9 @@
 """Real multi-process DeepSpeed pipeline engines on CPU (gloo) against a single-process
-autograd reference (reference.py). Cases are grouped per launch: starting DeepSpeed costs
-10-15 s, one case about a second."""
+autograd reference (reference.py), for what needs process groups: the transport between
+processes, data-parallel and tied reduction, ZeRO-1, the bf16 optimizer, DeepSpeed's
+clipping, checkpoints across processes, stock equivalence, bad configs, crashes and killed
+ranks. The full gradient matrix runs in one process (test_inprocess.py). Cases are grouped
+per launch: starting DeepSpeed costs 10-15 s, one case about a second."""
 import itertools
 import os
 
@@ -66,8 +69,9 @@ def check_grads(results, cases, world, tol=TOL):
 
 # ---------------------------------------------------------------- 2 processes
 SCHEDULES = ("1f1b", "interlocked")
-CASES_2 = [grad_case(2, k, c, schedule=n) for k in (1, 2) for c in ("furthest", "sum") for n in SCHEDULES]
-CASES_2 += [grad_case(2, 2, "sum", M=3, w=0.3), grad_case(2, 1, "furthest", M=3, w=2.5),
+# the transport between processes, both orders (every k and mode: test_inprocess.py)
+CASES_2 = [grad_case(2, 2, c, M=3, schedule=n) for c in ("furthest", "sum") for n in SCHEDULES]
+CASES_2 += [grad_case(2, 1, "furthest", M=3, w=2.5),
             grad_case(2, 2, "furthest", tied=True), grad_case(2, 1, "sum", tied=True),
             grad_case(2, "global", "furthest", M=1, heads=False),
             grad_case(2, 2, "furthest", M=2, feeding="training_data"),
@@ -235,35 +239,11 @@ def test_stage_local_clipping_and_async_losses(two_procs):
         assert rec["flushed"] == pytest.approx(sync[3], rel=1e-6)
 
 
-# ---------------------------------------------------------------- 3 processes
-CASES_3 = [grad_case(3, k, c, schedule=n) for k in (1, 2, 3) for c in ("furthest", "sum") for n in SCHEDULES]
-MULTI_STEP = [dict(name="three_sgd_steps", S=3, k=2, combine="sum", M=2, w=0.5, lr=0.5, steps=3),
-              dict(name="three_sgd_steps_furthest", S=3, k=2, combine="furthest", M=2, w=1.0, lr=0.5, steps=3)]
-
-
-def test_gradients_three_stages(tmp_path):
-    results = run_cases(3, CASES_3 + MULTI_STEP, str(tmp_path))
-    check_grads(results, CASES_3, world=3)
-    # several steps stay exact: the reference takes the same SGD steps on the same batches
-    for case in MULTI_STEP:
-        recs = results[case["name"]]
-        parts = [r["part"] for r in sorted(recs, key=lambda r: r["stage"])]
-        specs, params = tm.layer_specs(), None
-        for step in range(case["steps"]):
-            batches = [[tm.batch(step, 0, m) for m in range(case["M"])]]
-            want = ref.stage_losses(specs, parts, params, batches) if params else None
-            init, params = ref.reference_step(specs, parts, case["k"], case["combine"], case["w"], batches,
-                                              lr=case["lr"], start=params)
-            got = recs[0]["stage_losses"][step]
-            assert got == pytest.approx(want or ref.stage_losses(specs, parts, init, batches), rel=1e-5), step
-        for r in recs:
-            for n, p in r["params"].items():
-                assert torch.allclose(p, params[n], rtol=1e-4, atol=1e-6), (case["name"], n)
-
-
 # ---------------------------------------------------------------- 4 processes
-CASES_4 = [grad_case(4, k, c, schedule=n) for k in (1, 2, 3, 4) for c in ("furthest", "sum") for n in SCHEDULES]
-CASES_4 += [grad_case(4, 3, "sum", M=3, w=0.7, tied=True),
+# four processes in a pipeline (every k and mode: test_inprocess.py), tied reduction across stages
+CASES_4 = [grad_case(4, 3, c, M=4, schedule=n) for c in ("furthest", "sum") for n in SCHEDULES]
+CASES_4 += [grad_case(4, 2, "sum", M=2, w=0.5), grad_case(4, 4, "furthest", M=3),
+            grad_case(4, 3, "sum", M=3, w=0.7, tied=True),
             grad_case(4, 3, "furthest", ckpt_interval=1, schedule="interlocked"),
             grad_case(4, 2, "sum", ckpt_interval=2, tied=True)]
 CASES_DP = [grad_case(2, k, c, M=3, schedule=n) for k, c, n in itertools.product((1, 2), ("furthest", "sum"), SCHEDULES)]
@@ -319,7 +299,10 @@ def test_checkpoint_resume_and_bad_configs(two_procs, tmp_path):
     bad = [dict(name="bad_k", S=2, k=0), dict(name="bad_k_name", S=2, k="fourwise"),
            dict(name="bad_combine", S=2, k=2, combine="mean"), dict(name="bad_weight", S=2, k=2, w=-1.0),
            dict(name="no_heads", S=2, k=1, heads=False), dict(name="bad_head", S=2, k=2, bad_head="not_module"),
-           dict(name="unknown_key", S=2, k=2, extra_config={"interlocking": {"k": 2, "combin": "sum"}})]
+           dict(name="unknown_key", S=2, k=2, extra_config={"interlocking": {"k": 2, "combin": "sum"}}),
+           dict(name="bad_timeout", S=2, k=2, il={"p2p_timeout_s": -1}),
+           # last: it swaps the worker's layout for the old shared one, whose plan deadlocks under NCCL
+           dict(name="old_layout", S=2, k=2, combine="furthest", M=2, layout="shared")]
     resume = dict(name="ckpt_resume", S=2, M=2, k=1, combine="sum", optimizer="adam", steps=3, step_offset=3,
                   load_dir=str(out / "save_dir"))
     got = run_cases(2, [resume] + bad, str(tmp_path))
@@ -334,12 +317,15 @@ def test_checkpoint_resume_and_bad_configs(two_procs, tmp_path):
 
     expect = {"bad_k": '"interlocking.k"', "bad_k_name": '"interlocking.k"', "bad_combine": '"interlocking.combine"',
               "bad_weight": '"interlocking.aux_loss_weight"', "no_heads": '"aux_head"', "bad_head": '"aux_head"',
-              "unknown_key": "combin"}
+              "unknown_key": "combin", "bad_timeout": '"interlocking.p2p_timeout_s"'}
     for name, key in expect.items():
         for r, rec in enumerate(got[name]):
             err = rec.get("init_error") or ""
             assert "InterlockingConfigError" in err and key in err, f"{name} rank {r}: {err!r}"
     assert "returned int" in got["bad_head"][0]["init_error"]
+    for rec in got["old_layout"]:     # refused at start-up, naming the schedule and the cycle
+        err = rec.get("init_error") or ""
+        assert "DeadlockError" in err and "would deadlock under NCCL" in err and "sA1" in err, err
 
 
 def test_crash_on_one_rank_ends_the_job(tmp_path):
@@ -356,3 +342,28 @@ def test_crash_on_one_rank_ends_the_job(tmp_path):
     assert code != 0
     assert "deliberate failure on stage 1" in log and "Traceback" in log
     assert time.time() - start < 120
+
+
+def test_killed_rank_ends_the_job(tmp_path):
+    """A worker killed with SIGKILL in the middle of a batch (no Python exception, no
+    goodbye): the survivors see their peer vanish, the launcher ends the job with a non-zero
+    status in bounded time, and no process is left behind."""
+    import json
+    import subprocess
+    import time
+    from launch import deepspeed_launch, WORKERS
+    marker = f"killcase{os.getpid()}"
+    cases = [dict(name=marker, S=3, M=4, k=2, combine="sum", steps=5, kill_stage=1)]
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(cases))
+    start = time.time()
+    code, log = deepspeed_launch(3, os.path.join(WORKERS, "engine_cases.py"),
+                                 ["--cases", str(path), "--out", str(tmp_path)], timeout=240)
+    took = time.time() - start
+    assert code is not None, "the job hung instead of ending"
+    assert code != 0, log[-3000:]
+    assert "killing stage 1 with SIGKILL" in log
+    assert took < 180, took
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", str(path)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left behind: {left}"

@@ -6,7 +6,7 @@ from ds_interlock.routing import Routing
 
 
 def test_paper_example_s4_k3_furthest():
-    """ALGORITHM.md §2: stage 0 trained by L2, stages 1-3 by L3; boundaries carry exactly these."""
+    """docs/algorithm.md: stage 0 trained by L2, stages 1-3 by L3; boundaries carry exactly these."""
     r = Routing(4, 3, "furthest")
     assert [r.trains(s) for s in range(4)] == [[2], [3], [3], [3]]
     assert r.sends(1) == [2]            # boundary 1 -> 0 carries dL2/dh0

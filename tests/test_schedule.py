@@ -50,7 +50,7 @@ def test_1f1b_matches_deepspeed_cost_and_memory():
 
 
 def test_interlocked_targets_s4_m8():
-    """Issue targets with the unit costs of ALGORITHM.md §3 at S=4, M=8, steady state."""
+    """Issue targets with the unit costs of docs/algorithm.md at S=4, M=8, steady state."""
     S, M = 4, 8
     glob = steady_time(sc.one_f_one_b(Routing(S, S, "furthest"), M), flush=True)
     assert glob == 33

@@ -46,7 +46,7 @@ def test_unit_costs_known_case():
 def test_lower_bound_is_busiest_stage_work():
     r = Routing(4, 3, "furthest")
     res = simulate(interlocked(r, 8), batches=3, flush=False)
-    assert res.work == [24, 32, 32, 24]        # ALGORITHM.md §3: stages 1, 2 do 4F per micro-batch
+    assert res.work == [24, 32, 32, 24]        # docs/algorithm.md: stages 1, 2 do 4F per micro-batch
     assert res.lower_bound == 32
     assert res.step_time >= res.lower_bound
 

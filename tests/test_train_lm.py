@@ -1,4 +1,5 @@
-"""examples/train_lm.py end to end (two real 2-process launches) and examples/plot_metrics.py."""
+"""examples/train_lm.py end to end (two real 4-process launches, and the same job in one
+process) and examples/plot_metrics.py."""
 import importlib.util
 import json
 import math
@@ -11,7 +12,7 @@ from launch import ROOT, deepspeed_launch
 
 SCRIPT = os.path.join(ROOT, "examples", "train_lm.py")
 CONFIG = os.path.join(ROOT, "ds_configs", "3wise.json")
-S = 2
+S = 4
 
 
 def load_example(name):
@@ -41,39 +42,60 @@ def corpus(tmp_path_factory):
     return str(write_sample_corpus(root, num_train_shards=1, sentences_per_shard=2000))
 
 
-def launch(tmp_path, corpus, max_steps, save_dir, metrics):
-    args = ["--deepspeed_config", CONFIG, "--data_dir", corpus, "--cache_dir", str(tmp_path / "cache"),
+def job_args(tmp_path, corpus, max_steps, save_dir, metrics):
+    return ["--deepspeed_config", CONFIG, "--data_dir", corpus, "--cache_dir", str(tmp_path / "cache"),
             "--num_stages", str(S), "--model", "tiny", "--vocab_size", "300", "--seq_len", "32",
             "--max_steps", str(max_steps), "--eval_interval", "3", "--eval_batches", "4",
             "--save_dir", str(save_dir), "--save_interval", "2", "--metrics_file", str(metrics)]
-    code, log = deepspeed_launch(2, SCRIPT, args, timeout=240)
+
+
+def launch(tmp_path, corpus, max_steps, save_dir, metrics):
+    code, log = deepspeed_launch(S, SCRIPT, job_args(tmp_path, corpus, max_steps, save_dir, metrics), timeout=300)
     assert code == 0, log[-6000:]
     return log
 
 
 def test_train_resume_and_metrics(tmp_path, corpus):
     save_dir, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
-    log = launch(tmp_path, corpus, 4, save_dir, metrics)
+    log = launch(tmp_path, corpus, 5, save_dir, metrics)
     assert "data: raw corpus at" in log and "skipped=0" in log   # rank 0 printed data.summary()
 
     first = read_lines(metrics)
     train, evals = train_lines(first), eval_lines(first)
-    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
     for r in train:
         assert set(r) >= {"step", "loss", "aux_losses", "lr", "tokens_per_s"}
         assert len(r["aux_losses"]) == S - 1
         assert all(math.isfinite(v) for v in [r["loss"], *r["aux_losses"]])
         assert r["lr"] > 0 and r["tokens_per_s"] > 0
-    assert [r["step"] for r in evals] == [3, 4]
+    assert [r["step"] for r in evals] == [3, 5]
     for r in evals:
         assert set(r) >= {"step", "eval_loss", "eval_stage_loss", "eval_word_ppl"}
         assert len(r["eval_stage_loss"]) == S
         assert r["eval_stage_loss"][-1] == pytest.approx(r["eval_loss"])
         assert all(math.isfinite(v) for v in r["eval_stage_loss"])
         assert r["eval_word_ppl"] > 1
-    assert (save_dir / "latest").read_text().strip() == "global_step4"
+    assert (save_dir / "latest").read_text().strip() == "global_step5"
     assert (save_dir / "global_step2").is_dir() and (save_dir / "global_step4").is_dir()
-    assert list((save_dir / "global_step4").glob("aux_head_00-*")), "aux head missing from the checkpoint"
+    assert len(list((save_dir / "global_step4").glob("aux_head_0*"))) == S - 1, "aux heads missing from the checkpoint"
+
+    # The same job in one plain process gives the same numbers (every stage, one device)
+    single = tmp_path / "single.jsonl"
+    train_lm = load_example("train_lm")
+    train_lm.main(job_args(tmp_path, corpus, 5, tmp_path / "single_ckpt", single) + ["--single_process"])
+    one = read_lines(single)
+    for a, b in zip(train_lines(one), train):
+        assert a["step"] == b["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["aux_losses"] == pytest.approx(b["aux_losses"], rel=1e-4)
+    assert [r["eval_stage_loss"] for r in eval_lines(one)] == [pytest.approx(r["eval_stage_loss"], rel=1e-4)
+                                                               for r in evals]
+    # ... and resumes in one process too: from step 2, steps 3-5 repeat
+    (tmp_path / "single_ckpt" / "latest").write_text("global_step2")
+    train_lm.main(job_args(tmp_path, corpus, 5, tmp_path / "single_ckpt", single) + ["--single_process"])
+    again = train_lines(read_lines(single))
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in train_lines(one)], rel=1e-6)
 
     # Resume from step 2 (not the latest) with a larger budget: steps 3 and 4 must repeat
     # the first run exactly (same data, optimizer and schedule state), then 5 and 6 follow.
@@ -86,7 +108,7 @@ def test_train_resume_and_metrics(tmp_path, corpus):
     train2 = train_lines(second)
     assert [r["step"] for r in train2] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in eval_lines(second)] == [3, 6]
-    for a, b in zip(train[2:4], train2[2:4]):
+    for a, b in zip(train[2:5], train2[2:5]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["aux_losses"] == pytest.approx(a["aux_losses"], rel=1e-5)
         assert b["lr"] == pytest.approx(a["lr"])

@@ -104,6 +104,9 @@ def run_case(case, args, world):
         kwargs = {}
         if case.get("feeding") == "training_data":
             kwargs["training_data"] = Pairs(64, case.get("seed", 0))
+        if case.get("layout") == "shared":    # the old layout: the engine must refuse its plan
+            import ds_interlock.wire as wire
+            wire.channel_layout = lambda *a, **k: wire.SharedLayout()
         init = deepspeed.initialize if case.get("stock") else initialize
         if case.get("optimizer_from_config"):
             cfg["optimizer"] = case["optimizer_from_config"]
@@ -126,6 +129,17 @@ def run_case(case, args, world):
                 raise RuntimeError(f"deliberate failure on stage {engine.stage_id}")
             return inner(x)
         engine.module.forward = failing_forward
+    if case.get("kill_stage") is not None and engine.stage_id == case["kill_stage"]:
+        import signal
+        inner_fwd, fwd_calls = engine.module.forward, []
+
+        def killed_forward(x):    # SIGKILL in the middle of the second batch: no exception, no cleanup
+            fwd_calls.append(1)
+            if len(fwd_calls) == case.get("M", 2) + 2:
+                print(f"killing stage {engine.stage_id} with SIGKILL", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return inner_fwd(x)
+        engine.module.forward = killed_forward
     for step in range(case.get("steps", 1)):
         it = None if case.get("feeding") == "training_data" else data_iter(case, engine, step + case.get("step_offset", 0))
         loss = engine.train_batch(data_iter=it) if it is not None else engine.train_batch()
