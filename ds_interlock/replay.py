@@ -81,10 +81,22 @@ def local_needs(routing, stage, action, done):
     return None   # load, recv_act, per-batch actions (their place is checked by _check_complete)
 
 
-def replay(schedule, cost=unit_cost, flush=True):
+def replay(schedule, cost=unit_cost, flush=True, transport="gloo", layout="channel"):
     """``flush``: the optimizer step is a barrier across stages (DeepSpeed's global
     gradient clipping and loss broadcast); False: steps are stage-local, so batch b+1
-    may start on a stage while later stages still drain batch b."""
+    may start on a stage while later stages still drain batch b.
+
+    ``transport``: "gloo" replays with buffered sends (the rules above); "nccl" also runs
+    the schedule, as the engine issues it over ``layout``, through the model of NCCL's
+    stream rules (commcheck.py) and raises DeadlockError if it would hang on GPUs."""
+    if transport == "nccl":
+        from .commcheck import BatchEnd, DeadlockError, check, describe
+        result = check(schedule, BatchEnd(flush=flush), layout, cost)
+        if not result.ok:
+            raise DeadlockError(f"{describe(schedule)} would deadlock under NCCL ({layout} layout):\n"
+                                f"{result.deadlock}")
+    elif transport != "gloo":
+        raise ValueError(f"transport must be 'gloo' or 'nccl', got {transport!r}")
     routing, S = schedule.routing, schedule.routing.num_stages
     lists = [list(schedule.for_stage(s)) for s in range(S)]
     pos = [0] * S

@@ -16,6 +16,7 @@ per channel in a header (static shapes, DeepSpeed's default): the only host sync
 """
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import Any, Callable, Optional
 
@@ -33,8 +34,8 @@ class Comm:
     """The three primitives the transport uses, over torch.distributed.
 
     Straight to torch, not through deepspeed.comm: DeepSpeed's comms_logger wraps its own
-    functions with a device synchronize before and after each call, and a host that waits
-    for each send brings the deadlocks back (commcheck.py shows it).
+    functions with a device synchronize after each call, and a host that waits after each
+    send brings the deadlocks back (commcheck.py shows it).
     """
 
     def isend(self, tensor: torch.Tensor, peer: int, group: Any) -> Any:
@@ -57,6 +58,8 @@ class SharedLayout:
     """Every message on the default process group: the layout that deadlocks under NCCL.
     Kept so the checker can show why ``ChannelLayout`` exists."""
     name = "shared"
+    created_s = 0.0
+    num_groups = 0
 
     def group(self, src: int, dst: int, kind: str) -> Any:
         return None
@@ -74,6 +77,7 @@ class ChannelLayout:
     order, because creating a process group is collective over the whole job.
     """
     name = "channel"
+    created_s = 0.0     # seconds it took to create the groups (start-up cost)
 
     def __init__(self, pipe_lists: list[list[int]],
                  new_group: Callable[[list[int]], Any] = lambda ranks: tdist.new_group(ranks)) -> None:
@@ -115,7 +119,10 @@ def channel_layout(pipe_lists: list[list[int]], timeout_s: Optional[float] = Non
     key = (tuple(map(tuple, sorted(pipe_lists))), timeout_s)
     if key not in _LAYOUTS:
         timeout = default_pg_timeout if timeout_s is None else timedelta(seconds=timeout_s)
-        _LAYOUTS[key] = ChannelLayout(pipe_lists, new_group=lambda ranks: tdist.new_group(ranks, timeout=timeout))
+        start = time.perf_counter()
+        layout = ChannelLayout(pipe_lists, new_group=lambda ranks: tdist.new_group(ranks, timeout=timeout))
+        layout.created_s = time.perf_counter() - start
+        _LAYOUTS[key] = layout
     return _LAYOUTS[key]
 
 
