@@ -17,8 +17,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.utils import partition_balanced
 from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from ds_interlock.models import (PRESETS, TIED_EMBEDDING_KEY, SequentialLM, TokenEmbedding,
-                                 build_lm, clear_pretrained_cache, lm_loss)
+from ds_interlock.models import (PRESETS, TIED_EMBEDDING_KEY, SequentialLM, build_lm, clear_pretrained_cache, lm_loss)
 
 ARCHS = ["gpt2", "llama"]
 HF_CLASSES = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM}

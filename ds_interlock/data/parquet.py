@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .cache import files_identity
-from .lines import DEFAULT_MAX_CHARS, LineStats, TextSource, clean_line
+from .lines import DEFAULT_MAX_CHARS, TextSource, clean_line
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 SPLIT_ALIASES = {"train": ("train",), "test": ("test",), "validation": ("validation", "valid", "dev")}

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
