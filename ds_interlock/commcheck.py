@@ -45,9 +45,13 @@ class BatchEnd:
     bf16's norm); False with clip_scope="stage" or no clipping."""
     report: str = "sync"
     """Loss all-reduce over all ranks. Modelled as a stream wait plus a host sync in both
-    modes ("async" waits one batch later; waiting at once is the stronger assumption)."""
-    tied: bool = False
-    """Tied-gradient all-reduce between the first and the last stage."""
+    modes ("async" waits one batch later). Waiting at once is the stronger assumption, and
+    a sound one: each rank's issue order is fixed, so the model's verdict does not depend on
+    timing, and an extra wait can only add dependencies (a cycle can appear, never vanish)."""
+    tied: tuple = ()
+    """Per tied module, the stages that own a copy (an all-reduce among them); see tied_stages."""
+    static_shapes: bool = True
+    """False (a module built with dynamic_shape=True): a header, read on the host, per message."""
 
 
 class _Done:
@@ -121,20 +125,33 @@ def _model_layout(name: str, S: int) -> tuple[Any, Callable[[Any, int, int], str
     raise ValueError(f"unknown layout {name!r}; one of {LAYOUTS}")
 
 
-def _comms(S: int, programs: dict) -> dict:
+def _comms(S: int, programs: dict, end: BatchEnd = BatchEnd()) -> dict:
     members: dict = defaultdict(set)
     for r, ops in programs.items():
         for op in ops:
             if op.kind in ("send", "recv"):
                 members[op.comm] |= {r, op.peer}
     out = {name: tuple(sorted(m)) for name, m in members.items()}
-    out.update({"world": tuple(range(S)), "mp": tuple(range(S)), "tied": (0, S - 1)})
+    out.update({"world": tuple(range(S)), "mp": tuple(range(S))})
+    out.update({f"tied{i}": owners for i, owners in enumerate(end.tied)})
     return out
 
 
+def tied_stages(layers: list, parts: list) -> tuple:
+    """For every tied key, the stages that own a copy (the same on every rank: from the specs)."""
+    from deepspeed.pipe import TiedLayerSpec
+    owners: dict = {}
+    for s in range(len(parts) - 1):
+        for spec in layers[parts[s]:parts[s + 1]]:
+            if isinstance(spec, TiedLayerSpec):
+                owners.setdefault(spec.key, set()).add(s)
+    return tuple(tuple(sorted(v)) for _, v in sorted(owners.items()) if len(v) > 1)
+
+
 def _batch_end_ops(action: Action, stage: int, S: int, end: BatchEnd) -> list:
-    if action.op == "reduce_tied" and end.tied and S > 1 and stage in (0, S - 1):
-        return [Op("coll", "reduce_tied: all-reduce tied gradients", comm="tied", wait=True)]
+    if action.op == "reduce_tied":
+        return [Op("coll", f"reduce_tied: all-reduce tied gradients among stages {owners}", comm=f"tied{i}", wait=True)
+                for i, owners in enumerate(end.tied) if stage in owners]
     if action.op == "step":
         ops = []
         if end.flush:
@@ -159,7 +176,7 @@ def programs_for(schedule, batch_end: BatchEnd = BatchEnd(), layout: str = "chan
     mailboxes: dict = defaultdict(deque)
     comms = [RecordingComm(s, programs[s], mailboxes, comm_name, host_sync_after_send) for s in range(S)]
     wires = [P2PTransport(s - 1 if s > 0 else None, s + 1 if s < S - 1 else None, s, layout_obj, "cpu",
-                          comm=comms[s]) for s in range(S)]
+                          static_shapes=batch_end.static_shapes, comm=comms[s]) for s in range(S)]
     act = torch.zeros(1)
     labels = torch.zeros(1, dtype=torch.int64)
     for s, a, _, _ in order:
@@ -187,7 +204,7 @@ def check(schedule, batch_end: BatchEnd = BatchEnd(), layout: str = "channel", c
           host_sync_after_send: bool = False) -> Result:
     """Simulate ``schedule`` under NCCL's rules; Result.ok is False on a deadlock."""
     programs = programs_for(schedule, batch_end, layout, cost, host_sync_after_send)
-    return simulate(programs, _comms(schedule.routing.num_stages, programs))
+    return simulate(programs, _comms(schedule.routing.num_stages, programs, batch_end))
 
 
 def describe(schedule) -> str:
@@ -261,13 +278,16 @@ class Case:
     batch_end: BatchEnd
 
     def __str__(self) -> str:
-        return f"{describe(self.schedule)}, flush={self.batch_end.flush}"
+        return (f"{describe(self.schedule)}, flush={self.batch_end.flush}"
+                + ("" if self.batch_end.static_shapes else ", dynamic shapes")
+                + (f", tied {list(self.batch_end.tied)}" if self.batch_end.tied else ""))
 
 
 def matrix(stages, ks=None, micro_batches=(1, 2, 4, 8, 16, 32, 64), combines=("furthest", "sum"),
            schedules=("1f1b", "interlocked"), batches=(1, 3)):
     """Every schedule the project generates over the given ranges: train orders for one batch
-    and several back to back (with and without a flush between them), and inference.
+    and several back to back (with and without a flush between them; and with dynamic shapes
+    and tied first and last stages), and inference.
     ``ks``: None for every k in 1..S."""
     from . import schedule as sched
     from .routing import Routing
@@ -282,6 +302,9 @@ def matrix(stages, ks=None, micro_batches=(1, 2, 4, 8, 16, 32, 64), combines=("f
                             yield Case(one.repeat(B) if B > 1 else one, BatchEnd(flush=True))
                             if B > 1:
                                 yield Case(one.repeat(B), BatchEnd(flush=False))
+                                # a header per message (dynamic shapes) and a tied first/last stage
+                                yield Case(one.repeat(B), BatchEnd(flush=False, static_shapes=False,
+                                                                   tied=((0, S - 1),)))
                     yield Case(sched.inference(routing, M), BatchEnd())
 
 

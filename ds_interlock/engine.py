@@ -48,6 +48,8 @@ class InterlockingPipelineEngine(PipelineEngine):
             next_rank=self.grid.stage_to_global(self.stage_id + 1) if self.stage_id < self.num_stages - 1 else None,
             rank=self.global_rank, layout=self.layout, device=self.device,
             static_shapes=not self.module.dynamic_shape)
+        # gloo reports a send complete only once waited for; under NCCL nothing waits on sends
+        self._host_waits = torch.distributed.get_backend() == "gloo"
         head = self.module.aux_head
         self.executor = StageExecutor(
             self.stage_id, self.routing, forward=self.module, loss_fn=self.module.loss_fn, head=head,
@@ -145,11 +147,12 @@ class InterlockingPipelineEngine(PipelineEngine):
         return self._plans[key]
 
     def _batch_end(self):
-        """What this job does between batches, for the NCCL model."""
+        """What this job does between batches, for the NCCL model (the same on every rank)."""
         clipping = self.gradient_clipping() > 0 or self.using_bf16_optimizer
         return commcheck.BatchEnd(flush=clipping and self._stage_grid is None,
                                   report=self.interlocking.report,
-                                  tied=bool(self.module.tied_comms))
+                                  tied=commcheck.tied_stages(self.module._layer_specs, self.module.parts),
+                                  static_shapes=not self.module.dynamic_shape)
 
     def _run(self, actions, micro_batches, training, eval_logits=False):
         profile = self.profile
@@ -171,7 +174,7 @@ class InterlockingPipelineEngine(PipelineEngine):
             # for a send to a rank that is itself blocked would hang the job
             self.transport.abort()
             raise
-        self.transport.release_completed()
+        self.transport.end_batch(host_waits=self._host_waits)
         if profile is not None:
             profile.append(("peak_activation_bytes", -1, -1, ctx.meter.peak, ctx.meter.peak))
             ctx.meter = None

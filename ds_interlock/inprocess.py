@@ -48,7 +48,7 @@ class InProcessTransport:
     def _move(self, x: Any, dst: int) -> Any:
         tensors, was_tuple = as_list(x)
         dev = self.devices[dst]
-        return from_list([t.detach().to(dev, non_blocking=True) for t in tensors], was_tuple)
+        return from_list([t.detach().to(dev, non_blocking=dev.type == "cuda") for t in tensors], was_tuple)
 
     def put(self, src: int, dst: int, kind: str, item: Any) -> None:
         self.boxes[(src, dst, kind)].append(item)
@@ -98,6 +98,25 @@ def _load_config(config: Union[str, os.PathLike, dict, None]) -> dict:
         raise InterlockingConfigError(f"{config}: not valid JSON ({exc})") from None
 
 
+def _micro_batches(cfg: dict) -> int:
+    """Micro-batches per batch, as DeepSpeed derives them at world size 1."""
+    gas, micro, total = (cfg.get(k) for k in ("gradient_accumulation_steps", "train_micro_batch_size_per_gpu",
+                                               "train_batch_size"))
+    if gas is None:
+        if micro is None or total is None:
+            return 1
+        if total % micro:
+            raise InterlockingConfigError(f'"train_batch_size" {total} is not a multiple of '
+                                          f'"train_micro_batch_size_per_gpu" {micro}')
+        return total // micro
+    if micro is not None and total is not None and total != micro * gas:
+        raise InterlockingConfigError(f'"train_batch_size" {total} != "train_micro_batch_size_per_gpu" {micro} x '
+                                      f'"gradient_accumulation_steps" {gas} (one process)')
+    if not isinstance(gas, int) or gas < 1:
+        raise InterlockingConfigError(f'"gradient_accumulation_steps": expected an integer >= 1, got {gas!r}')
+    return gas
+
+
 def ensure_process_group(backend: Optional[str] = None) -> None:
     """A world of one process, as DeepSpeed's engine needs one (no launcher required)."""
     import deepspeed
@@ -145,8 +164,10 @@ class InProcessPipeline:
         else:
             default = "cuda" if torch.cuda.is_available() else "cpu"
             self.devices = [torch.device(devices or default)] * S
-        self.micro_batches = int(cfg.get("gradient_accumulation_steps", 1))
-        self.micro_batch_size = cfg.get("train_micro_batch_size_per_gpu")
+        self.micro_batches = _micro_batches(cfg)
+        if (cfg.get("fp16") or {}).get("enabled"):
+            raise InterlockingConfigError('"fp16.enabled": fp16 needs loss scaling, which ds_interlock does not '
+                                          'implement; use "bf16"')
 
         parts, stages, heads, states = build_stages(
             layers, S, partition_method, aux_head, activation_checkpoint_interval=activation_checkpoint_interval,
@@ -207,6 +228,7 @@ class InProcessPipeline:
                 for _, weights in owners[1:]:
                     for (_, src), (_, dst) in zip(first, weights):
                         dst.copy_(src)
+                        dst.ds_pipe_replicated = True   # DeepSpeed's norms count a tied weight once
         self._tied = {k: v for k, v in self._tied.items() if len(v) > 1}
 
     def _deepspeed_engine(self, cfg: dict, optimizer: Any, lr_scheduler: Any, take_scheduler: Callable) -> Any:
@@ -215,7 +237,8 @@ class InProcessPipeline:
         import deepspeed
 
         inner = {k: v for k, v in cfg.items() if k not in (ilconfig.BLOCK, "pipeline")}
-        micro = inner.get("train_micro_batch_size_per_gpu", 1)
+        micro = inner.get("train_micro_batch_size_per_gpu") or inner.get("train_batch_size", self.micro_batches) \
+            // self.micro_batches
         # our pipeline makes the micro-batches; DeepSpeed's engine sees one step per batch
         inner.update(gradient_accumulation_steps=1, train_micro_batch_size_per_gpu=micro * self.micro_batches,
                      train_batch_size=micro * self.micro_batches)
@@ -279,7 +302,10 @@ class InProcessPipeline:
         return self._orders[key]
 
     def _run(self, kind: str, data_iter: Iterator, M: int, training: bool) -> list[RunContext]:
-        self._data, self._run_micro_batches = iter(data_iter), M
+        if not hasattr(data_iter, "__next__"):
+            raise TypeError(f"data_iter must be an iterator (e.g. iter(loader)), got {type(data_iter).__name__}: "
+                            "a new iterator per batch would start the data over every time")
+        self._data, self._run_micro_batches = data_iter, M
         ctxs = [ex.start(training, M, self.devices[s], profile=self.profile)
                 for s, ex in enumerate(self.executors)]
         try:
@@ -319,7 +345,9 @@ class InProcessPipeline:
         """Sum the gradients of a tied module's copies (DeepSpeed's tied all-reduce)."""
         for owners in self._tied.values():
             for i in range(len(owners[0][1])):
-                grads = [weights[i][1].grad for _, weights in owners]
+                # bf16: the optimizer has already moved gradients into its fp32 copies
+                grads = [getattr(weights[i][1], "_hp_grad", None) if self._bf16 else weights[i][1].grad
+                         for _, weights in owners]
                 if any(g is None for g in grads):
                     continue
                 total = sum(g.to(grads[0].device) for g in grads)

@@ -116,7 +116,7 @@ def channel_layout(pipe_lists: list[list[int]], timeout_s: Optional[float] = Non
     otherwise use its own default, not the job's."""
     from deepspeed.constants import default_pg_timeout
 
-    key = (tuple(map(tuple, sorted(pipe_lists))), timeout_s)
+    key = (id(tdist.group.WORLD), tuple(map(tuple, sorted(pipe_lists))), timeout_s)
     if key not in _LAYOUTS:
         timeout = default_pg_timeout if timeout_s is None else timedelta(seconds=timeout_s)
         start = time.perf_counter()
@@ -204,7 +204,7 @@ class P2PTransport:
         tensor = tensor.contiguous()
         work = self.comm.isend(tensor, dst, self.layout.group(self.rank, dst, kind))
         self.pending.append((work, tensor))
-        if len(self.pending) > 64:
+        if len(self.pending) > 256:
             self.release_completed()
 
     def _recv(self, tensor: torch.Tensor, src: int, kind: str) -> None:
@@ -215,6 +215,16 @@ class P2PTransport:
     def release_completed(self) -> None:
         """Drop the buffers of sends that completed; never waits (a wait could stall a stream)."""
         self.pending = [(w, t) for w, t in self.pending if w is not None and not w.is_completed()]
+
+    def end_batch(self, host_waits: bool) -> None:
+        """After a batch. ``host_waits`` (gloo, where a send reports completion only once
+        waited for): wait for this batch's sends, whose receives every peer has posted by the
+        end of its batch. NCCL: only drop what completed; a wait there would make the stream,
+        not the host, wait, and is never needed for correctness."""
+        if host_waits:
+            self.wait_all()
+        else:
+            self.release_completed()
 
     def wait_all(self) -> None:
         """Wait for every send (before the process group goes away, or before timing)."""

@@ -193,6 +193,18 @@ def prepare_data(args, dist_ready):
     return data
 
 
+def check_checkpoint_kind(save_dir, single_process):
+    """A pipeline launch and --single_process write different checkpoint layouts: say so plainly."""
+    with open(os.path.join(save_dir, "latest")) as f:
+        tag_dir = os.path.join(save_dir, f.read().strip())
+    if not os.path.isdir(tag_dir):
+        return   # DeepSpeed's own loader reports a missing tag
+    pipeline = any(name.startswith("layer_") for name in os.listdir(tag_dir))
+    if pipeline == single_process:
+        made = "a multi-process pipeline launch" if pipeline else "--single_process"
+        raise SystemExit(f"{tag_dir} was written by {made}; resume it the same way, or use another --save_dir")
+
+
 class Metrics:
     """JSON lines, written and flushed by global rank 0 only."""
 
@@ -256,8 +268,9 @@ def main(argv=None):
 
     if args.single_process:
         rank, world = 0, 1
-        if args.num_stages < 1:
-            raise SystemExit("--num_stages must be >= 1")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit("--single_process runs every stage in this one process; launch it with plain "
+                             "`python`, not with a launcher that starts several processes")
     else:
         deepspeed.init_distributed()
         rank = torch.distributed.get_rank()
@@ -303,6 +316,7 @@ def main(argv=None):
 
     consumed, elapsed_before = 0, 0.0
     if args.save_dir and os.path.isfile(os.path.join(args.save_dir, "latest")):
+        check_checkpoint_kind(args.save_dir, args.single_process)
         path, client = engine.load_checkpoint(args.save_dir)
         if path is None:
             raise SystemExit(f"could not load the latest checkpoint in {args.save_dir}")

@@ -8,6 +8,7 @@ The engine's layout passes the matrix of every schedule the project generates.
 import itertools
 
 import pytest
+import torch
 
 from ds_interlock import commcheck, schedule as sc
 from ds_interlock.commcheck import BatchEnd, Case, DeadlockError, check, matrix, require_safe, run_case
@@ -79,6 +80,20 @@ def test_one_group_per_direction_for_the_whole_pipeline_is_not_enough():
     assert deadlocks, "the direction layout should deadlock somewhere (messages to both neighbours share a stream)"
 
 
+def test_dynamic_shapes_and_tied_stages_are_modelled():
+    plan = sc.interlocked(Routing(3, 2, "sum"), 3)
+    dynamic = commcheck.programs_for(plan, BatchEnd(static_shapes=False, tied=((0, 2),)))
+    assert sum(op.kind == "host_sync" and "header" in op.label for op in dynamic[1]) == 3   # one per message
+    assert [op.comm for op in dynamic[0] if op.kind == "coll"][:1] == ["tied0"]
+    assert not any(op.comm == "tied0" for op in dynamic[1])                              # stage 1 owns no copy
+    assert check(plan.repeat(2), BatchEnd(static_shapes=False, tied=((0, 2),))).ok
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+    layers = [TiedLayerSpec("e", torch.nn.Linear, 2, 2)] + [LayerSpec(torch.nn.Linear, 2, 2)] * 2 + \
+             [TiedLayerSpec("e", torch.nn.Linear, 2, 2)]
+    assert commcheck.tied_stages(layers, [0, 1, 2, 3, 4]) == ((0, 3),)
+    assert commcheck.tied_stages(layers, [0, 2, 4]) == ((0, 1),)
+
+
 def test_model_issues_exactly_what_the_transport_issues():
     """One op per tensor (activations and labels), a header on the channel's first message,
     and the one host sync that reads it; gradients carry no header."""
@@ -99,7 +114,7 @@ def test_matrix_every_k_and_mode_up_to_8_stages():
     inference: no deadlock on the engine's layout; the old layout deadlocks exactly where
     k >= 2 and M >= 2 (train schedules)."""
     cases = list(matrix(range(2, 9), micro_batches=(1, 2, 3)))
-    assert len(cases) == 35 * 2 * 3 * 7
+    assert len(cases) == 35 * 2 * 3 * 9
     bad = [str(c) for c in cases if run_case(c)]
     assert not bad, bad[:3]
     for c in cases[::7]:
@@ -127,7 +142,7 @@ def test_matrix_many_micro_batches():
 def test_command_line(capsys):
     assert replay_main(["--transport", "nccl", "--stages", "2-3", "--micro_batches", "1,2"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("140 schedules checked under nccl (channel): 0 deadlocks")
+    assert last.startswith("180 schedules checked under nccl (channel): 0 deadlocks")
     assert replay_main(["--transport", "nccl", "--layout", "shared", "--stages", "2", "--k", "2",
                         "--micro_batches", "2"]) == 1
     out = capsys.readouterr().out

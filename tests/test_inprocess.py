@@ -153,14 +153,20 @@ def test_optimizer_and_our_lr_schedule_from_the_config():
     assert "Adam" in type(pipe.optimizer).__name__    # the config's optimizer, built by DeepSpeed
 
 
-def test_bf16_within_rounding():
-    pipe = make(3, 2, "sum", extra={"bf16": {"enabled": True}})
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_within_rounding(tied):
+    """bf16 parameters and activations: the same algorithm within bf16 rounding; tied copies
+    get the summed gradient from the optimizer's fp32 copies."""
+    pipe = make(3, 2, "sum", tied=tied, extra={"bf16": {"enabled": True}})
     batches = [[tm.batch(0, 0, m) for m in range(2)]]
-    init, new = ref.reference_step(tm.layer_specs(), parts_of(pipe), 2, "sum", 1.0, batches)
+    init, new = ref.reference_step(tm.layer_specs(tied=tied), parts_of(pipe), 2, "sum", 1.0, batches)
     pipe.train_batch(iter(batches[0]))
     err = worst_error(pipe, init, new)
-    metrics.GRADIENT_ERRORS["inprocess_bf16_S3_k2_sum"] = err
+    metrics.GRADIENT_ERRORS[f"inprocess_bf16_S3_k2_sum_tied{tied}"] = err
     assert err < 0.05
+    if tied:
+        copies = [pipe.stage_parameters(s)["tied_modules.emb.weight"] for s in (0, 2)]
+        assert torch.equal(copies[0], copies[1])
 
 
 def test_checkpoint_resume_continues_exactly(tmp_path):
@@ -196,3 +202,14 @@ def test_a_device_per_stage_and_bad_input():
                           config={"train_micro_batch_size_per_gpu": 2, "interlocking": {"k": 0}})
     with pytest.raises(InterlockingConfigError, match='"aux_head"'):
         make(3, 2, heads=False)
+    with pytest.raises(InterlockingConfigError, match='"fp16.enabled"'):
+        make(2, 2, extra={"fp16": {"enabled": True}})
+    with pytest.raises(TypeError, match="must be an iterator"):
+        pipe.train_batch([tm.batch(0, 0, m) for m in range(2)])
+    # the micro-batch count comes from the config as DeepSpeed derives it
+    derived = InProcessPipeline(tm.layer_specs(), 2, tm.loss_fn, aux_head=tm.aux_head(), partition_method="uniform",
+                                config={"train_micro_batch_size_per_gpu": 2, "train_batch_size": 6,
+                                        "interlocking": {"k": 2}}, devices="cpu",
+                                optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0))
+    assert derived.micro_batches == 3 == derived.gradient_accumulation_steps()
+    assert derived.train_micro_batch_size_per_gpu() == 2
