@@ -113,8 +113,8 @@ def test_matrix_every_k_and_mode_up_to_8_stages():
     """Every k, both combine modes, both orders, 1 and 3 batches (with and without flush),
     inference: no deadlock on the engine's layout; on the old layout nearly every train schedule
     with k >= 2 and M >= 2 deadlocks, and nothing else does."""
-    cases = list(matrix(range(2, 9), micro_batches=(1, 2, 3)))
-    assert len(cases) == 35 * 2 * 3 * 9
+    cases = list(matrix(range(2, 9), micro_batches=(1, 3)))
+    assert len(cases) == 35 * 2 * 2 * 9
     bad = [str(c) for c in cases if run_case(c)]
     assert not bad, bad[:3]
     verdicts = []
@@ -130,7 +130,7 @@ def test_matrix_every_k_and_mode_up_to_8_stages():
 
 @pytest.mark.parametrize("S", [12, 16])
 def test_matrix_deep_pipelines(S):
-    cases = list(matrix([S], ks=sorted({1, 2, 3, S // 2, S}), micro_batches=(2, 5), batches=(1, 3)))
+    cases = list(matrix([S], ks=sorted({1, 2, 3, S // 2, S}), micro_batches=(5,), batches=(1, 3)))
     bad = [str(c) for c in cases if run_case(c)]
     assert not bad, bad[:3]
 

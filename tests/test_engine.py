@@ -332,11 +332,11 @@ def test_crash_on_one_rank_ends_the_job(tmp_path):
     import time
     from launch import deepspeed_launch, WORKERS
     import json
-    cases = [dict(name="crash", S=3, M=2, k=2, combine="sum", steps=3, crash_stage=1)]
+    cases = [dict(name="crash", S=2, M=2, k=2, combine="sum", steps=3, crash_stage=1)]
     path = tmp_path / "cases.json"
     path.write_text(json.dumps(cases))
     start = time.time()
-    code, log = deepspeed_launch(3, os.path.join(WORKERS, "engine_cases.py"),
+    code, log = deepspeed_launch(2, os.path.join(WORKERS, "engine_cases.py"),
                                  ["--cases", str(path), "--out", str(tmp_path)], timeout=180)
     assert code is not None, "the job hung instead of ending"
     assert code != 0
@@ -353,11 +353,11 @@ def test_killed_rank_ends_the_job(tmp_path):
     import time
     from launch import deepspeed_launch, WORKERS
     marker = f"killcase{os.getpid()}"
-    cases = [dict(name=marker, S=3, M=4, k=2, combine="sum", steps=5, kill_stage=1)]
+    cases = [dict(name=marker, S=2, M=4, k=2, combine="sum", steps=5, kill_stage=1)]
     path = tmp_path / "cases.json"
     path.write_text(json.dumps(cases))
     start = time.time()
-    code, log = deepspeed_launch(3, os.path.join(WORKERS, "engine_cases.py"),
+    code, log = deepspeed_launch(2, os.path.join(WORKERS, "engine_cases.py"),
                                  ["--cases", str(path), "--out", str(tmp_path)], timeout=240)
     took = time.time() - start
     assert code is not None, "the job hung instead of ending"
