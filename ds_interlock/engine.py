@@ -39,10 +39,11 @@ class InterlockingPipelineEngine(PipelineEngine):
                                      timeout_s=self.interlocking.p2p_timeout_s)
         start = time.perf_counter()
         self.layout.warm_up(self.global_rank, self.device)
-        if self.global_rank == 0:
-            logger.info(f"ds_interlock: {getattr(self.layout, 'num_groups', 0)} point-to-point groups (one per "
-                        f"boundary and direction), created in {self.layout.created_s:.3f} s, connected in "
-                        f"{time.perf_counter() - start:.3f} s")
+        if self.global_rank == 0 and not getattr(self.layout, "announced", False):
+            self.layout.announced = True
+            print(f"ds_interlock: {self.layout.num_groups} point-to-point groups (one per boundary and "
+                  f"direction), created in {self.layout.created_s:.3f} s, connected in "
+                  f"{time.perf_counter() - start:.3f} s", flush=True)
         self.transport = P2PTransport(
             prev_rank=self.grid.stage_to_global(self.stage_id - 1) if self.stage_id > 0 else None,
             next_rank=self.grid.stage_to_global(self.stage_id + 1) if self.stage_id < self.num_stages - 1 else None,
