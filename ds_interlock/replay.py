@@ -14,12 +14,11 @@ and returns a Trace (start/end of every action, peak live activations per stage)
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
+from .actions import UNIT_COSTS, unit_cost  # noqa: F401  (re-exported: the cost model of the docs)
+
 
 class ScheduleError(Exception):
     pass
-
-
-from .actions import UNIT_COSTS, unit_cost  # noqa: F401  (re-exported: the cost model of the docs)
 
 
 @dataclass

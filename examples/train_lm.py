@@ -63,8 +63,9 @@ def build_parser():
     d.add_argument("--data_dir", default=None,
                    help="One Billion Word: raw release dir, its parent or tarball, or a parquet/arrow "
                         "directory. None = a synthetic sample corpus generated in --cache_dir")
-    d.add_argument("--cache_dir", default=os.path.join(ROOT, "runs", "cache"),
-                   help="tokenizer, token files and sample corpus are cached here")
+    d.add_argument("--cache_dir", default=None,
+                   help="tokenizer, token files and sample corpus are cached here; default: $DS_INTERLOCK_CACHE, "
+                        "else $XDG_CACHE_HOME/ds_interlock, else ~/.cache/ds_interlock (each keyed by its inputs)")
     d.add_argument("--vocab_size", type=int, default=32000,
                    help="requested sentencepiece vocabulary (a small corpus may give fewer)")
     d.add_argument("--seq_len", type=int, default=None, help="tokens per sequence; None = the preset's")

@@ -80,7 +80,8 @@ EQUIV = [dict(name="stock_adam", S=2, M=2, same_batch=True, stock=True, optimize
          dict(name="global_adam", S=2, M=2, same_batch=True, k="global", combine="furthest", optimizer="adam", steps=5),
          dict(name="local_adam", S=2, M=2, same_batch=True, k=1, combine="furthest", optimizer="adam", steps=5),
          dict(name="stock_clip", S=2, M=2, same_batch=True, stock=True, optimizer="sgd", lr=0.5, clip=0.05, steps=3),
-         dict(name="global_clip", S=2, M=2, same_batch=True, k="global", heads=False, optimizer="sgd", lr=0.5, clip=0.05, steps=3),
+         dict(name="global_clip", S=2, M=2, same_batch=True, k="global", heads=False, optimizer="sgd", lr=0.5,
+              clip=0.05, steps=3),
          dict(name="k2_noclip", S=2, M=2, k=2, combine="sum", w=1.0, optimizer="sgd", lr=1.0),
          dict(name="k2_clip", S=2, M=2, k=2, combine="sum", w=1.0, optimizer="sgd", lr=1.0, clip=0.05),
          dict(name="k2_stage_clip", S=2, M=2, k=2, combine="sum", w=1.0, optimizer="sgd", lr=1.0, clip=0.05,
@@ -247,7 +248,8 @@ CASES_4 += [grad_case(4, 2, "sum", M=2, w=0.5), grad_case(4, 4, "furthest", M=3)
             grad_case(4, 3, "furthest", ckpt_interval=1, schedule="interlocked"),
             grad_case(4, 2, "sum", ckpt_interval=2, tied=True)]
 CASES_DP = [grad_case(2, k, c, M=3, schedule=n) for k, c, n in itertools.product((1, 2), ("furthest", "sum"), SCHEDULES)]
-CASES_DP += [grad_case(2, 2, "sum", M=2, w=0.4, zero=1), grad_case(2, 1, "furthest", M=3, zero=1, tied=True, schedule="interlocked")]
+CASES_DP += [grad_case(2, 2, "sum", M=2, w=0.4, zero=1),
+             grad_case(2, 1, "furthest", M=3, zero=1, tied=True, schedule="interlocked")]
 BF16 = [dict(name="bf16_k2", S=4, k=2, combine="sum", M=2, w=1.0, bf16=True),
         dict(name="bf16_k2_stage_clip", S=4, k=2, combine="sum", M=2, w=1.0, bf16=True, clip=0.05,
              il={"clip_scope": "stage"}),

@@ -90,7 +90,7 @@ def detect_source(data_dir: str | os.PathLike) -> str:
 
 
 def prepare_lm_data(data_dir: str | os.PathLike | None = None,
-                    cache_dir: str | os.PathLike = "cache/lm_data", *,
+                    cache_dir: str | os.PathLike | None = None, *,
                     vocab_size: int = DEFAULT_VOCAB_SIZE,
                     seq_len: int = 256,
                     source: str = "auto",
@@ -108,12 +108,17 @@ def prepare_lm_data(data_dir: str | os.PathLike | None = None,
     data_dir: None generates (once) the synthetic sample corpus under ``cache_dir``
         (``sample_corpus`` holds keyword arguments for :func:`write_sample_corpus`);
         otherwise the raw release dir, its parent or tarball, or a parquet/arrow directory.
+    cache_dir: where the tokenizer, token files and sample corpus are cached; None = the
+        user's cache directory (ds_interlock/paths.py), sub-directory ``lm_data``.
     source: 'auto' (detect), 'raw' or 'parquet'.
     train_shards: raw training shard numbers (1..99) to use; None uses every shard present.
     heldout_shard: raw held-out shard used for evaluation (00000 is the test set).
     heldout_max_sentences: parquet only, keep the first N rows of the test split.
     """
-    cache_dir = Path(cache_dir)
+    if cache_dir is None:
+        from ..paths import default_cache_dir
+        cache_dir = default_cache_dir() / "lm_data"
+    cache_dir = Path(cache_dir).expanduser()
     built: dict[str, bool] = {}
     if data_dir is None:
         data_dir, built["sample_corpus"] = sample_corpus_dir(cache_dir, **(sample_corpus or {}))
