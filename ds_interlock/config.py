@@ -5,8 +5,11 @@
 Everything here is checked when the engine starts, so a typo fails in seconds,
 not after an hour of training.
 """
-from dataclasses import dataclass
+from __future__ import annotations
+
 import numbers
+from dataclasses import dataclass
+from typing import Any
 
 BLOCK = "interlocking"
 K_NAMES = {"local": 1, "pairwise": 2, "3wise": 3}   # "global" means k = S, resolved per model
@@ -31,17 +34,17 @@ class InterlockingConfig:
     report: str = "sync"            # "async": per-stage losses arrive one batch late, without a barrier
     p2p_timeout_s: object = None    # seconds a pipeline receive may wait before the job fails; None = DeepSpeed's
 
-    def resolve_k(self, num_stages):
+    def resolve_k(self, num_stages: int) -> int:
         """k as an integer in 1..S (k > S behaves exactly like k = S)."""
         k = num_stages if self.k == "global" else K_NAMES.get(self.k, self.k)
         return min(int(k), num_stages)
 
 
-def _fail(key, msg):
+def _fail(key: str, msg: str) -> None:
     raise InterlockingConfigError(f'"{BLOCK}.{key}": {msg}')
 
 
-def parse_k(value):
+def parse_k(value: Any) -> int | str:
     if isinstance(value, bool):
         _fail("k", f"expected an integer >= 1 or one of {sorted(K_NAMES) + ['global']}, got {value!r}")
     if isinstance(value, str):
@@ -62,7 +65,7 @@ def parse_k(value):
     return int(value)
 
 
-def from_ds_config(ds_config):
+def from_ds_config(ds_config: dict | None) -> InterlockingConfig:
     """Parse the block from a DeepSpeed config dict. A missing block means k = "global"."""
     block = (ds_config or {}).get(BLOCK)
     if block is None:

@@ -11,6 +11,8 @@ order they were sent. Each action's local needs are in ``local_needs``.
 it raises ScheduleError on a mismatched receive, an unmet dependency or a deadlock,
 and returns a Trace (start/end of every action, peak live activations per stage).
 """
+from __future__ import annotations
+
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
@@ -35,7 +37,7 @@ class Trace:
         return 1.0 - self.busy(s) / self.makespan if self.makespan else 0.0
 
 
-def channel(stage, action, num_stages):
+def channel(stage: int, action, num_stages: int) -> tuple | None:
     """(sender, receiver, kind) of the message an action sends or receives, else None."""
     if action.op == "send_act":
         return (stage, stage + 1, "act")
@@ -48,7 +50,7 @@ def channel(stage, action, num_stages):
     return None
 
 
-def local_needs(routing, stage, action, done):
+def local_needs(routing, stage: int, action, done: set) -> str | None:
     """Why ``action`` cannot run yet on ``stage`` given the set ``done`` of finished
     (op, mb, loss) on that stage; None when it can."""
     op, mb, j = action.op, action.mb, action.loss
@@ -80,7 +82,7 @@ def local_needs(routing, stage, action, done):
     return None   # load, recv_act, per-batch actions (their place is checked by _check_complete)
 
 
-def replay(schedule, cost=unit_cost, flush=True, transport="gloo", layout="channel"):
+def replay(schedule, cost=unit_cost, flush: bool = True, transport: str = "gloo", layout: str = "channel") -> Trace:
     """``flush``: the optimizer step is a barrier across stages (DeepSpeed's global
     gradient clipping and loss broadcast); False: steps are stage-local, so batch b+1
     may start on a stage while later stages still drain batch b.
@@ -159,7 +161,7 @@ def replay(schedule, cost=unit_cost, flush=True, transport="gloo", layout="chann
     return trace
 
 
-def _check_complete(schedule):
+def _check_complete(schedule) -> None:
     """Every stage does each piece of its work exactly once, and ends every batch with its step."""
     routing, M, B = schedule.routing, schedule.micro_batches, schedule.batches
     for s in range(routing.num_stages):

@@ -5,7 +5,10 @@ Nothing else describes a schedule, so what is checked is what runs.
 
 The actions and what each one does are listed in actions.py.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from .actions import PER_BATCH, Action
 from .routing import Routing
@@ -19,13 +22,13 @@ class Schedule:
     name: str
     routing: Routing
     micro_batches: int
-    stages: tuple   # tuple of tuples of Action
+    stages: tuple   # tuple[tuple[Action, ...], ...]: one list per stage
     batches: int = 1   # > 1: several train batches back to back (micro-batch ids run on)
 
-    def for_stage(self, s):
+    def for_stage(self, s: int) -> tuple:
         return self.stages[s]
 
-    def repeat(self, batches):
+    def repeat(self, batches: int) -> Schedule:
         """This schedule run ``batches`` times in a row, as the engine runs successive
         train_batch calls: micro-batch ids of batch b are offset by b * micro_batches."""
         M = self.micro_batches
@@ -33,13 +36,13 @@ class Schedule:
                              for b in range(batches) for a in acts) for acts in self.stages)
         return Schedule(self.name, self.routing, M, stages, self.batches * batches)
 
-    def grid(self):
+    def grid(self) -> str:
         """A printable one-row-per-stage view."""
         return "\n".join(f"stage {s}: " + " ".join(str(a) for a in acts)
                          for s, acts in enumerate(self.stages))
 
 
-def forward_actions(routing, s, mb):
+def forward_actions(routing: Routing, s: int, mb: int) -> list[Action]:
     acts = []
     if s == 0 or s == routing.last:
         acts.append(Action("load", mb))
@@ -51,7 +54,7 @@ def forward_actions(routing, s, mb):
     return acts
 
 
-def backward_actions(routing, s, mb):
+def backward_actions(routing: Routing, s: int, mb: int) -> list[Action]:
     """All backward work of one micro-batch on one stage, bundled (1F1B style)."""
     acts = [Action("recv_grad", mb, j) for j in routing.receives(s)]
     acts += [Action("input_grad", mb, j) for j in routing.input_chains(s)]
@@ -60,11 +63,11 @@ def backward_actions(routing, s, mb):
     return acts
 
 
-def batch_end_actions():
+def batch_end_actions() -> list[Action]:
     return [Action(op) for op in PER_BATCH]
 
 
-def one_f_one_b(routing, micro_batches):
+def one_f_one_b(routing: Routing, micro_batches: int) -> Schedule:
     """DeepSpeed's 1F1B order: S-1-s warm-up forwards, then one forward / one backward.
 
     Each backward waits for its whole bundle of incoming components, so every
@@ -87,7 +90,7 @@ def one_f_one_b(routing, micro_batches):
     return Schedule("1f1b", routing, M, tuple(stages))
 
 
-def inference(routing, micro_batches):
+def inference(routing: Routing, micro_batches: int) -> Schedule:
     """Forwards only, every stage reporting its own head's loss."""
     stages = []
     for s in range(routing.num_stages):
@@ -98,14 +101,14 @@ def inference(routing, micro_batches):
     return Schedule("inference", routing, micro_batches, tuple(stages))
 
 
-SCHEDULES = {"1f1b": one_f_one_b}
+SCHEDULES: dict[str, Callable[[Routing, int], Schedule]] = {"1f1b": one_f_one_b}
 
 
-def train_schedule(name, routing, micro_batches):
+def train_schedule(name: str, routing: Routing, micro_batches: int) -> Schedule:
     return SCHEDULES[name](routing, micro_batches)
 
 
-def interlocked(routing, micro_batches, max_live=None):
+def interlocked(routing: Routing, micro_batches: int, max_live: Optional[int] = None) -> Schedule:
     """Each gradient component is computed and sent as soon as it can be.
 
     Built by list scheduling over unit costs (F = I = 1, W = 2): every stage, whenever
