@@ -9,6 +9,7 @@ deadlock under NCCL; every plan is checked against that model before it runs.
 """
 import time
 from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from deepspeed import comm as dist
@@ -23,14 +24,14 @@ from . import schedule as sched
 from .config import InterlockingConfig
 from .module import default_checkpoint_func
 from .routing import Routing
-from .stage import StageExecutor, StageHooks, as_list
+from .stage import RunContext, StageExecutor, StageHooks, as_list
 from .stage_local import make_optimizer_stage_local
 from .wire import P2PTransport
 
 
 class InterlockingPipelineEngine(PipelineEngine):
 
-    def __init__(self, *args, interlocking: InterlockingConfig = None, **kwargs):
+    def __init__(self, *args: Any, interlocking: Optional[InterlockingConfig] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.interlocking = interlocking or InterlockingConfig()
         self.routing = Routing(self.num_stages, self.interlocking.resolve_k(self.num_stages),
@@ -81,7 +82,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         self._plan("inference", self.micro_batches)
 
     # ------------------------------------------------------------------ public API
-    def train_batch(self, data_iter=None):
+    def train_batch(self, data_iter: Optional[Iterator] = None) -> torch.Tensor:
         if not torch.is_grad_enabled():
             raise RuntimeError("train_batch() requires gradients enabled. Use eval_batch() instead.")
         if data_iter is not None:
@@ -128,12 +129,12 @@ class InterlockingPipelineEngine(PipelineEngine):
             return out, ctx.eval_logits
         return out
 
-    def reset_activation_shape(self):
+    def reset_activation_shape(self) -> None:
         super().reset_activation_shape()
         self.transport.reset_shapes()
 
     # ------------------------------------------------------------------ execution
-    def _plan(self, kind, micro_batches):
+    def _plan(self, kind: str, micro_batches: int) -> tuple:
         """This stage's action list; generated and checked once per (kind, micro-batch count).
 
         The whole pipeline's plan is checked against the NCCL model (commcheck.py) with this
@@ -147,7 +148,7 @@ class InterlockingPipelineEngine(PipelineEngine):
             self._plans[key] = plan.for_stage(self.stage_id)
         return self._plans[key]
 
-    def _batch_end(self):
+    def _batch_end(self) -> commcheck.BatchEnd:
         """What this job does between batches, for the NCCL model (the same on every rank)."""
         clipping = self.gradient_clipping() > 0 or self.using_bf16_optimizer
         return commcheck.BatchEnd(flush=clipping and self._stage_grid is None,
@@ -155,7 +156,7 @@ class InterlockingPipelineEngine(PipelineEngine):
                                   tied=commcheck.tied_stages(self.module._layer_specs, self.module.parts),
                                   static_shapes=not self.module.dynamic_shape)
 
-    def _run(self, actions, micro_batches, training, eval_logits=False):
+    def _run(self, actions: tuple, micro_batches: int, training: bool, eval_logits: bool = False) -> RunContext:
         profile = self.profile
         ctx = self.executor.start(training, micro_batches, self.device, eval_logits=eval_logits, profile=profile)
         if profile is not None:
@@ -181,13 +182,13 @@ class InterlockingPipelineEngine(PipelineEngine):
             ctx.meter = None
         return ctx
 
-    def _load_micro_batch(self, mb):
+    def _load_micro_batch(self, mb: int) -> Any:
         batch = self._next_batch()   # the last stage reads too, like DeepSpeed's does
         if self.stage_id != 0 or not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             return batch             # the executor names what is wrong with it
         return self._to_device(batch[0]), self._to_device(batch[1])
 
-    def _to_device(self, x):
+    def _to_device(self, x: Any) -> Any:
         """The batch load is the one host-to-device copy per micro-batch: pinned and
         non-blocking on CUDA, so the host never waits for the device here."""
         tensors, was_tuple = as_list(x)
@@ -201,12 +202,12 @@ class InterlockingPipelineEngine(PipelineEngine):
             moved.append(t.detach())
         return tuple(moved) if was_tuple else moved[0]
 
-    def _local_losses(self, ctx):
+    def _local_losses(self, ctx: RunContext) -> torch.Tensor:
         v = torch.zeros(self.num_stages, dtype=torch.float64, device=self.device)
         v[self.stage_id] = self.executor.mean_loss(ctx) / self.dp_world_size
         return v
 
-    def _aggregate_losses(self, ctx):
+    def _aggregate_losses(self, ctx: RunContext) -> torch.Tensor:
         """Mean over micro-batches and DP replicas of every stage's loss, known on every rank.
         A collective over all ranks: every stage waits here for the slowest."""
         v = self._local_losses(ctx)
@@ -214,12 +215,12 @@ class InterlockingPipelineEngine(PipelineEngine):
             dist.all_reduce(v)
         return v.float()
 
-    def _set_stage_losses(self, v, step):
+    def _set_stage_losses(self, v: torch.Tensor, step: int) -> None:
         self.stage_losses = v.tolist()
         self.stage_losses_step = step
         self.agg_train_loss = v[-1].clone()
 
-    def _report_async(self, ctx):
+    def _report_async(self, ctx: RunContext) -> None:
         """Start this batch's loss reduction and finish the previous one: no stage waits
         for the others at the end of a batch, and losses arrive one batch late."""
         v = self._local_losses(ctx)
@@ -230,20 +231,20 @@ class InterlockingPipelineEngine(PipelineEngine):
         else:
             self._finish_report(previous)
 
-    def _finish_report(self, pending):
+    def _finish_report(self, pending: tuple) -> None:
         work, v, step = pending
         if work is not None:
             work.wait()
         self._set_stage_losses(v.float(), step)
 
-    def flush_losses(self):
+    def flush_losses(self) -> torch.Tensor:
         """With report="async": wait for the last batch's losses (stage_losses, agg_train_loss)."""
         if self._pending_report is not None:
             pending, self._pending_report = self._pending_report, None
             self._finish_report(pending)
         return self.agg_train_loss
 
-    def clip_fp32_gradients(self):
+    def clip_fp32_gradients(self) -> None:
         if self._stage_grid is None:
             return super().clip_fp32_gradients()
         from deepspeed.runtime.utils import clip_grad_norm_
@@ -265,7 +266,7 @@ class InterlockingPipelineEngine(PipelineEngine):
             self.optimizer.update_hp_grads(clear_lp_grads=False)
 
     # ------------------------------------------------------------------ reporting
-    def _report_train(self, seconds):
+    def _report_train(self, seconds: float) -> None:
         steps_per_print = self.steps_per_print()
         if self.global_rank == 0 and self.stage_losses is not None:
             if steps_per_print is not None and self.global_steps % steps_per_print == 0:

@@ -1,12 +1,18 @@
 """InterlockingPipelineModule: DeepSpeed's PipelineModule plus one aux head per stage boundary."""
+from __future__ import annotations
+
 import functools
 import os
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 from deepspeed.pipe import PipelineModule
 
 from .config import InterlockingConfigError
+
+if TYPE_CHECKING:
+    from .routing import Routing
 
 # DeepSpeed's own activation checkpointing breaks under several backward calls
 # over one graph; torch's non-reentrant checkpoint does not.
@@ -40,17 +46,17 @@ class InterlockingPipelineModule(PipelineModule):
                 self.aux_heads[str(self.stage_id)] = head.to(next(iter(self.parameters()), torch.empty(0)).device)
 
     @property
-    def aux_head(self):
+    def aux_head(self) -> Optional[nn.Module]:
         """This rank's aux head, or None (last stage, or no heads given)."""
         return self.aux_heads[str(self.stage_id)] if str(self.stage_id) in self.aux_heads else None
 
-    def stage_parameters(self):
+    def stage_parameters(self) -> list[nn.Parameter]:
         """Parameters of the pipeline layers on this stage (aux head excluded)."""
         head = set(id(p) for p in self.aux_heads.parameters())
         return [p for p in self.parameters() if p.requires_grad and id(p) not in head]
 
     # DeepSpeed's save/load covers the pipeline layers only; heads would be lost silently.
-    def _aux_ckpt_path(self, ckpt_dir):
+    def _aux_ckpt_path(self, ckpt_dir: str) -> str:
         return os.path.join(ckpt_dir, f"aux_head_{self.stage_id:02d}-model_states.pt")
 
     def save_state_dict(self, save_dir, checkpoint_engine, exclude_frozen_params=False):
@@ -71,7 +77,7 @@ class InterlockingPipelineModule(PipelineModule):
             return
         self.aux_head.load_state_dict(checkpoint_engine.load(path, map_location="cpu"), strict=strict)
 
-    def check_heads(self, routing, aux_loss_fn_needed=True):
+    def check_heads(self, routing: Routing, aux_loss_fn_needed: bool = True) -> None:
         """Fail at start-up when a head that the algorithm needs is missing."""
         if self.aux_head_error:
             raise InterlockingConfigError(f'"aux_head": {self.aux_head_error}')
