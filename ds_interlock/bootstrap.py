@@ -145,6 +145,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         args = copy.copy(args)          # the engine must read our (possibly edited) dict, not the file
         args.deepspeed_config = None
 
+    model._built_by_ds_interlock = True
     mpu = model.mpu()
     config_class = DeepSpeedConfig(config, mpu)
     deepspeed.set_optimizer_flags(config_class, model)

@@ -65,8 +65,32 @@ def parse_k(value: Any) -> int | str:
     return int(value)
 
 
+def check_top_level_keys(ds_config: dict | None) -> None:
+    """DeepSpeed ignores unknown top-level keys: a misspelt block would silently mean k = "global"."""
+    import difflib
+    for key in ds_config or {}:
+        if key != BLOCK and (key.lower() == BLOCK or difflib.get_close_matches(key.lower(), [BLOCK], n=1, cutoff=0.8)):
+            raise InterlockingConfigError(f'top-level key "{key}" looks like a misspelling of "{BLOCK}"; '
+                                          "DeepSpeed would ignore it and train with ordinary backprop")
+
+
+def describe(il: InterlockingConfig, num_stages: int, has_heads: bool) -> str:
+    """The one start-up line that says what will be trained."""
+    k = il.resolve_k(num_stages)
+    label = "global" if k == num_stages else {1: "local", 2: "pairwise", 3: "3wise"}.get(k, f"{k}-wise")
+    heads = (f"aux heads on stages 0-{num_stages - 2}" if num_stages > 2 else "aux head on stage 0") \
+        if has_heads and num_stages > 1 else "no aux heads"
+    line = (f"ds_interlock: {num_stages} stages, k={k} ({label}), combine={il.combine}, "
+            f"schedule={il.schedule}, {heads}")
+    asked = None if il.k == "global" else int(K_NAMES.get(il.k, il.k))
+    if asked is not None and asked > num_stages:
+        line += f" [the config asks for k={il.k!r}, more than the {num_stages} stages: it acts as k={num_stages}]"
+    return line
+
+
 def from_ds_config(ds_config: dict | None) -> InterlockingConfig:
     """Parse the block from a DeepSpeed config dict. A missing block means k = "global"."""
+    check_top_level_keys(ds_config)
     block = (ds_config or {}).get(BLOCK)
     if block is None:
         return InterlockingConfig()

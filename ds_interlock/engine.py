@@ -33,6 +33,7 @@ class InterlockingPipelineEngine(PipelineEngine):
 
     def __init__(self, *args: Any, interlocking: Optional[InterlockingConfig] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.module.interlocking_engine = True
         self.interlocking = interlocking or InterlockingConfig()
         self.routing = Routing(self.num_stages, self.interlocking.resolve_k(self.num_stages),
                                self.interlocking.combine)
@@ -77,6 +78,9 @@ class InterlockingPipelineEngine(PipelineEngine):
             self.module.activation_checkpoint_func = default_checkpoint_func
             if self.global_rank == 0:
                 logger.info("ds_interlock: using torch's non-reentrant checkpoint for activation checkpointing")
+        if self.global_rank == 0:
+            from .config import describe
+            print(describe(self.interlocking, self.num_stages, self.module.has_aux_heads), flush=True)
         # refuse a plan that could deadlock on GPUs now, not an hour into the job
         self._plan("train", self.micro_batches)
         self._plan("inference", self.micro_batches)

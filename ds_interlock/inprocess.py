@@ -147,7 +147,7 @@ class InProcessPipeline:
                  activation_checkpoint_interval: int = 0, activation_checkpoint_func: Callable = default_checkpoint_func,
                  checkpointable_layers: Optional[list] = None, seed_layers: bool = False,
                  seed_fn: Optional[Callable] = None, base_seed: int = 1234,
-                 optimizer: Any = None, lr_scheduler: Any = None) -> None:
+                 optimizer: Any = None, lr_scheduler: Any = None, verbose: bool = True) -> None:
         from .bootstrap import _check_scheduler, _take_our_scheduler
         from .partition import build_stages
 
@@ -209,6 +209,9 @@ class InProcessPipeline:
             for s in range(S)]
         self._orders: dict = {}
         self._data: Optional[Iterator] = None
+        self.summary = ilconfig.describe(self.interlocking, S, aux_head is not None) + " (one process)"
+        if verbose:
+            print(self.summary, flush=True)
         self.stage_losses: Optional[list] = None
         self.stage_losses_step: Optional[int] = None   # the step stage_losses belong to (as the engine's)
         self.eval_stage_losses: Optional[list] = None

@@ -33,6 +33,8 @@ class InterlockingPipelineModule(PipelineModule):
         super().__init__(layers, num_stages=num_stages, loss_fn=loss_fn,
                          activation_checkpoint_func=activation_checkpoint_func, **pipeline_kwargs)
         self.aux_loss_fn = aux_loss_fn if aux_loss_fn is not None else loss_fn
+        self.interlocking_engine = False  # set by our engine; DeepSpeed's own engine would ignore the heads
+        self.has_aux_heads = aux_head is not None
         self.aux_heads = nn.ModuleDict()
         self.aux_head_error = None      # reported by initialize(), where config errors live
         if aux_head is not None and not callable(aux_head):
@@ -44,6 +46,25 @@ class InterlockingPipelineModule(PipelineModule):
                                        "expected a torch.nn.Module")
             else:
                 self.aux_heads[str(self.stage_id)] = head.to(next(iter(self.parameters()), torch.empty(0)).device)
+
+    def mpu(self):
+        # deepspeed.initialize asks for the grid before it builds DeepSpeed's own PipelineEngine,
+        # which would train this module with plain backprop and ignore its heads: refuse there,
+        # on every rank, before any collective
+        if not getattr(self, "_built_by_ds_interlock", False):
+            raise InterlockingConfigError(
+                "an InterlockingPipelineModule must be started with ds_interlock.initialize, not deepspeed.initialize "
+                "(DeepSpeed's own engine would train it with plain backprop and ignore the aux heads): "
+                "`from ds_interlock import initialize` takes the same arguments")
+        return super().mpu()
+
+    def forward(self, forward_input):
+        if not self.interlocking_engine:
+            raise InterlockingConfigError(
+                "this InterlockingPipelineModule is being run by an engine that is not ds_interlock's (did you call "
+                "deepspeed.initialize?): DeepSpeed's own PipelineEngine would train it with plain backprop and ignore "
+                "the aux heads. Use `from ds_interlock import initialize` with the same arguments.")
+        return super().forward(forward_input)
 
     @property
     def aux_head(self) -> Optional[nn.Module]:

@@ -39,3 +39,20 @@ def test_error_is_both_value_and_type_error():
         from_ds_config({"interlocking": {"k": 0}})
     with pytest.raises(InterlockingConfigError, match='"interlocking"'):
         from_ds_config({"interlocking": [1, 2]})
+
+
+def test_misspelt_block_is_refused():
+    from ds_interlock.config import InterlockingConfigError, from_ds_config
+    for key in ("interlockng", "Interlocking", "INTERLOCKING", "interlocking_"):
+        with pytest.raises(InterlockingConfigError, match=f'"{key}" looks like a misspelling'):
+            from_ds_config({key: {"k": 2}, "train_batch_size": 8})
+    assert from_ds_config({"train_batch_size": 8, "gradient_clipping": 1.0}).k == "global"
+
+
+def test_start_up_line_says_what_is_trained():
+    from ds_interlock.config import describe, from_ds_config
+    assert describe(from_ds_config({"interlocking": {"k": 2}}), 4, True) == \
+        "ds_interlock: 4 stages, k=2 (pairwise), combine=furthest, schedule=interlocked, aux heads on stages 0-2"
+    line = describe(from_ds_config({"interlocking": {"k": "3wise"}}), 2, True)
+    assert "k=2 (global)" in line and "more than the 2 stages" in line
+    assert "no aux heads" in describe(from_ds_config({}), 4, False)

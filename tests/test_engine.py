@@ -303,6 +303,8 @@ def test_checkpoint_resume_and_bad_configs(two_procs, tmp_path):
            dict(name="no_heads", S=2, k=1, heads=False), dict(name="bad_head", S=2, k=2, bad_head="not_module"),
            dict(name="unknown_key", S=2, k=2, extra_config={"interlocking": {"k": 2, "combin": "sum"}}),
            dict(name="bad_timeout", S=2, k=2, il={"p2p_timeout_s": -1}),
+           dict(name="misspelt_block", S=2, k=2, extra_config={"Interlocking": {"k": 2}}),
+           dict(name="deepspeed_initialize", S=2, k=2, init="deepspeed"),
            # last: it swaps the worker's layout for the old shared one, whose plan deadlocks under NCCL
            dict(name="old_layout", S=2, k=2, combine="furthest", M=2, layout="shared")]
     resume = dict(name="ckpt_resume", S=2, M=2, k=1, combine="sum", optimizer="adam", steps=3, step_offset=3,
@@ -319,7 +321,9 @@ def test_checkpoint_resume_and_bad_configs(two_procs, tmp_path):
 
     expect = {"bad_k": '"interlocking.k"', "bad_k_name": '"interlocking.k"', "bad_combine": '"interlocking.combine"',
               "bad_weight": '"interlocking.aux_loss_weight"', "no_heads": '"aux_head"', "bad_head": '"aux_head"',
-              "unknown_key": "combin", "bad_timeout": '"interlocking.p2p_timeout_s"'}
+              "unknown_key": "combin", "bad_timeout": '"interlocking.p2p_timeout_s"',
+              "misspelt_block": '"Interlocking" looks like a misspelling',
+              "deepspeed_initialize": "not deepspeed.initialize"}
     for name, key in expect.items():
         for r, rec in enumerate(got[name]):
             err = rec.get("init_error") or ""

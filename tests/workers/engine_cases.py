@@ -107,7 +107,7 @@ def run_case(case, args, world):
         if case.get("layout") == "shared":    # the old layout: the engine must refuse its plan
             import ds_interlock.wire as wire
             wire.channel_layout = lambda *a, **k: wire.SharedLayout()
-        init = deepspeed.initialize if case.get("stock") else initialize
+        init = deepspeed.initialize if case.get("stock") or case.get("init") == "deepspeed" else initialize
         if case.get("optimizer_from_config"):
             cfg["optimizer"] = case["optimizer_from_config"]
             engine, _, _, _ = init(model=module, model_parameters=[p for p in module.parameters()],
