@@ -100,7 +100,7 @@ class RecordingComm:
 
 
 class _DirectionLayout:
-    def group(self, src: int, dst: int, kind: str) -> str:
+    def group(self, src: int, dst: int) -> str:
         return "fwd" if dst > src else "bwd"
 
 

@@ -24,7 +24,7 @@ from . import schedule as sched
 from .config import InterlockingConfig
 from .module import default_checkpoint_func
 from .routing import Routing
-from .stage import RunContext, StageExecutor, StageHooks, as_list
+from .stage import RunContext, StageExecutor, StageHooks, to_device
 from .stage_local import make_optimizer_stage_local
 from .wire import P2PTransport
 
@@ -190,21 +190,8 @@ class InterlockingPipelineEngine(PipelineEngine):
         batch = self._next_batch()   # the last stage reads too, like DeepSpeed's does
         if self.stage_id != 0 or not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             return batch             # the executor names what is wrong with it
-        return self._to_device(batch[0]), self._to_device(batch[1])
-
-    def _to_device(self, x: Any) -> Any:
-        """The batch load is the one host-to-device copy per micro-batch: pinned and
-        non-blocking on CUDA, so the host never waits for the device here."""
-        tensors, was_tuple = as_list(x)
-        cuda = torch.device(self.device).type == "cuda"
-        moved = []
-        for t in tensors:
-            if cuda and t.device.type == "cpu":
-                t = (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
-            else:
-                t = t.to(self.device)
-            moved.append(t.detach())
-        return tuple(moved) if was_tuple else moved[0]
+        # the one host-to-device copy per micro-batch, and the host does not wait for it
+        return to_device(batch[0], self.device), to_device(batch[1], self.device)
 
     def _local_losses(self, ctx: RunContext) -> torch.Tensor:
         v = torch.zeros(self.num_stages, dtype=torch.float64, device=self.device)

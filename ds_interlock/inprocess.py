@@ -32,7 +32,7 @@ from .config import InterlockingConfigError
 from .module import default_checkpoint_func
 from .replay import replay
 from .routing import Routing
-from .stage import RunContext, StageExecutor, StageHooks, as_list, from_list
+from .stage import RunContext, StageExecutor, StageHooks, as_list, from_list, to_device
 
 
 class InProcessTransport:
@@ -271,16 +271,8 @@ class InProcessPipeline:
                                    "in this batch") from None
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
                 return batch
-            return tuple(self._to_device(part, self.devices[0]) for part in batch)
+            return tuple(to_device(part, self.devices[0]) for part in batch)
         return load
-
-    @staticmethod
-    def _to_device(x: Any, device: torch.device) -> Any:
-        tensors, was_tuple = as_list(x)
-        cuda = device.type == "cuda"
-        out = [(t.pin_memory() if cuda and t.device.type == "cpu" and not t.is_pinned() else t)
-               .to(device, non_blocking=cuda).detach() for t in tensors]
-        return from_list(out, was_tuple)
 
     def _autocast(self):
         from deepspeed.runtime.torch_autocast import autocast_if_enabled

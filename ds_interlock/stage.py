@@ -43,6 +43,17 @@ def from_list(tensors: Sequence[Tensor], was_tuple: bool) -> Any:
     return tuple(tensors) if was_tuple else tensors[0]
 
 
+def to_device(x: Any, device: Any) -> Any:
+    """A tensor or tuple of tensors onto ``device`` without the host waiting: from host memory
+    to CUDA through pinned memory and non-blocking (a pageable copy would be a host sync)."""
+    tensors, was_tuple = as_list(x)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    out = [(t.pin_memory() if cuda and t.device.type == "cpu" and not t.is_pinned() else t)
+           .to(device, non_blocking=cuda).detach() for t in tensors]
+    return from_list(out, was_tuple)
+
+
 def float_leaves(x: Any) -> tuple[Any, list[Tensor]]:
     """Detached copies of a stage input; float tensors require grad (they get input gradients)."""
     tensors, was_tuple = as_list(x)

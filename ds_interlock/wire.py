@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as tdist
 
-from .stage import as_list, from_list
+from .stage import as_list, from_list, to_device
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8,
           torch.int16, torch.int32, torch.int64, torch.bool]
@@ -48,10 +48,8 @@ class Comm:
         return tensor.tolist()
 
     def upload(self, tensor: torch.Tensor, device: Any) -> torch.Tensor:
-        """Host tensor to the device without a host sync (pinned, non-blocking on CUDA)."""
-        if torch.device(device).type == "cuda":
-            return tensor.pin_memory().to(device, non_blocking=True)
-        return tensor.to(device)
+        """Host tensor to the device without a host sync (stage.to_device)."""
+        return to_device(tensor, device)
 
 
 class SharedLayout:
@@ -61,7 +59,7 @@ class SharedLayout:
     created_s = 0.0
     num_groups = 0
 
-    def group(self, src: int, dst: int, kind: str) -> Any:
+    def group(self, src: int, dst: int) -> Any:
         return None
 
     def warm_up(self, rank: int, device: Any, comm: Optional["Comm"] = None) -> None:
@@ -101,7 +99,7 @@ class ChannelLayout:
             elif rank == dst:
                 comm.irecv(torch.zeros(1, device=device), src, group).wait()
 
-    def group(self, src: int, dst: int, kind: str) -> Any:
+    def group(self, src: int, dst: int) -> Any:
         return self._groups[(src, dst)]
 
 
@@ -152,7 +150,7 @@ class P2PTransport:
         if self._sent_meta is None or not self.static:
             header = torch.zeros(META_LEN, dtype=torch.int64)
             header[:len(meta)] = torch.tensor(meta, dtype=torch.int64)
-            self._isend(self.comm.upload(header, self.device), self.next, "act")   # built on the host
+            self._isend(self.comm.upload(header, self.device), self.next)   # built on the host
             self._sent_meta = meta
         elif self._sent_meta != meta:
             raise RuntimeError(
@@ -160,13 +158,13 @@ class P2PTransport:
                 f"{meta}); build the module with dynamic_shape=True, or call engine.reset_activation_shape() "
                 "on every rank before the change")
         for t in flat:
-            self._isend(t.detach(), self.next, "act")
+            self._isend(t.detach(), self.next)
 
     def recv_act(self, mb: int) -> list:
         meta = self._recv_meta if self.static else None
         if meta is None:
             header = torch.empty(META_LEN, dtype=torch.int64, device=self.device)
-            self._recv(header, self.prev, "act")
+            self._recv(header, self.prev)
             meta = self._recv_meta = self.comm.to_host(header)   # the one host sync: once per channel
         pos, parts = 1, []
         for _ in range(meta[0]):
@@ -178,20 +176,20 @@ class P2PTransport:
                 shape = meta[pos + 2:pos + 2 + ndim]
                 pos += 2 + ndim
                 t = torch.empty(shape, dtype=dtype, device=self.device)
-                self._recv(t, self.prev, "act")
+                self._recv(t, self.prev)
                 tensors.append(t)
             parts.append(from_list(tensors, bool(was_tuple)))
         return parts
 
     def send_grad(self, mb: int, loss: int, tensors: list) -> None:
         for t in tensors:
-            self._isend(t.detach(), self.prev, "grad")
+            self._isend(t.detach(), self.prev)
 
     def recv_grad(self, mb: int, loss: int, like: list) -> list:
         out = []
         for t in like:
             buf = torch.empty_like(t, memory_format=torch.contiguous_format)
-            self._recv(buf, self.next, "grad")
+            self._recv(buf, self.next)
             out.append(buf)
         return out
 
@@ -200,15 +198,15 @@ class P2PTransport:
         """Call on every rank together when activation shapes change (DeepSpeed's reset_activation_shape)."""
         self._sent_meta = self._recv_meta = None
 
-    def _isend(self, tensor: torch.Tensor, dst: int, kind: str) -> None:
+    def _isend(self, tensor: torch.Tensor, dst: int) -> None:
         tensor = tensor.contiguous()
-        work = self.comm.isend(tensor, dst, self.layout.group(self.rank, dst, kind))
+        work = self.comm.isend(tensor, dst, self.layout.group(self.rank, dst))
         self.pending.append((work, tensor))
         if len(self.pending) > 256:
             self.release_completed()
 
-    def _recv(self, tensor: torch.Tensor, src: int, kind: str) -> None:
-        work = self.comm.irecv(tensor, src, self.layout.group(src, self.rank, kind))
+    def _recv(self, tensor: torch.Tensor, src: int) -> None:
+        work = self.comm.irecv(tensor, src, self.layout.group(src, self.rank))
         if work is not None:
             work.wait()    # gloo: the host waits; NCCL: only the current stream does
 
