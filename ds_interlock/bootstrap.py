@@ -48,9 +48,6 @@ def _check(model, config):
             raise InterlockingConfigError(
                 f"model must be an InterlockingPipelineModule, got {type(model).__name__}")
         il = ilconfig.from_ds_config(config)
-        if (config.get("fp16") or {}).get("enabled"):
-            raise InterlockingConfigError('"fp16.enabled": fp16 needs loss scaling, which ds_interlock does not '
-                                          'implement; use "bf16"')
         routing = Routing(model.num_stages, il.resolve_k(model.num_stages), il.combine)
         model.check_heads(routing)
         _check_scheduler(config)

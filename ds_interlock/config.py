@@ -66,12 +66,17 @@ def parse_k(value: Any) -> int | str:
 
 
 def check_top_level_keys(ds_config: dict | None) -> None:
-    """DeepSpeed ignores unknown top-level keys: a misspelt block would silently mean k = "global"."""
+    """What outside our block would silently change the training: DeepSpeed ignores unknown
+    top-level keys (a misspelt block would mean k = "global"), and fp16 would need a loss
+    scaling that ds_interlock does not implement."""
     import difflib
     for key in ds_config or {}:
         if key != BLOCK and (key.lower() == BLOCK or difflib.get_close_matches(key.lower(), [BLOCK], n=1, cutoff=0.8)):
             raise InterlockingConfigError(f'top-level key "{key}" looks like a misspelling of "{BLOCK}"; '
                                           "DeepSpeed would ignore it and train with ordinary backprop")
+    if ((ds_config or {}).get("fp16") or {}).get("enabled"):
+        raise InterlockingConfigError('"fp16.enabled": fp16 needs loss scaling, which ds_interlock does not '
+                                      'implement; use "bf16"')
 
 
 def describe(il: InterlockingConfig, num_stages: int, has_heads: bool) -> str:

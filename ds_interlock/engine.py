@@ -146,8 +146,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         could deadlock on GPUs is refused everywhere with the same message."""
         key = (kind, micro_batches)
         if key not in self._plans:
-            plan = (sched.inference(self.routing, micro_batches) if kind == "inference" else
-                    sched.train_schedule(self.interlocking.schedule, self.routing, micro_batches))
+            plan = sched.plan(kind, self.interlocking.schedule, self.routing, micro_batches)
             commcheck.require_safe(plan, self._batch_end(), layout=self.layout.name)
             self._plans[key] = plan.for_stage(self.stage_id)
         return self._plans[key]

@@ -165,18 +165,14 @@ class InProcessPipeline:
             default = "cuda" if torch.cuda.is_available() else "cpu"
             self.devices = [torch.device(devices or default)] * S
         self.micro_batches = _micro_batches(cfg)
-        if (cfg.get("fp16") or {}).get("enabled"):
-            raise InterlockingConfigError('"fp16.enabled": fp16 needs loss scaling, which ds_interlock does not '
-                                          'implement; use "bf16"')
 
         parts, stages, heads, states = build_stages(
             layers, S, partition_method, aux_head, activation_checkpoint_interval=activation_checkpoint_interval,
             activation_checkpoint_func=activation_checkpoint_func, checkpointable_layers=checkpointable_layers,
             seed_layers=seed_layers, seed_fn=seed_fn, base_seed=base_seed)
         self.parts = parts
-        heads_optional = self.routing.k >= S and self.routing.combine == "furthest"
         missing = [s for s in range(S - 1) if heads[s] is None]
-        if missing and not heads_optional:
+        if missing and self.routing.needs_aux_heads:
             raise InterlockingConfigError(
                 f'"aux_head": k={self.routing.k} with combine="{self.routing.combine}" needs an aux head on every '
                 f"stage before the last; stages {missing} have none")
@@ -291,8 +287,7 @@ class InProcessPipeline:
         """(stage, action) in an order the replay proves valid (every receive after its send)."""
         key = (kind, M)
         if key not in self._orders:
-            plan = (sched.inference(self.routing, M) if kind == "inference"
-                    else sched.train_schedule(self.interlocking.schedule, self.routing, M))
+            plan = sched.plan(kind, self.interlocking.schedule, self.routing, M)
             self._orders[key] = [(s, a) for s, a, _, _ in replay(plan).events if a.kind != "batch"]
         return self._orders[key]
 

@@ -102,8 +102,7 @@ class InterlockingPipelineModule(PipelineModule):
         """Fail at start-up when a head that the algorithm needs is missing."""
         if self.aux_head_error:
             raise InterlockingConfigError(f'"aux_head": {self.aux_head_error}')
-        heads_optional = routing.k >= routing.num_stages and routing.combine == "furthest"
-        if self.stage_id < self.num_stages - 1 and self.aux_head is None and not heads_optional:
+        if self.stage_id < self.num_stages - 1 and self.aux_head is None and routing.needs_aux_heads:
             raise InterlockingConfigError(
                 f'"aux_head": k={routing.k} with combine="{routing.combine}" needs an aux head on every '
                 f"stage before the last, and stage {self.stage_id} has none; pass "

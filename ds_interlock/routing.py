@@ -26,6 +26,12 @@ class Routing:
     def last(self) -> int:
         return self.num_stages - 1
 
+    @property
+    def needs_aux_heads(self) -> bool:
+        """Every stage but the last needs its head, except for k = S with "furthest" (ordinary
+        backprop), where heads are optional probes."""
+        return not (self.k >= self.num_stages and self.combine == "furthest")
+
     def reaching(self, s: int) -> list[int]:
         """Losses whose gradient flows through stage s by definition."""
         return list(range(s, min(s + self.k - 1, self.last) + 1))

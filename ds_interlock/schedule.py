@@ -13,7 +13,7 @@ from typing import Callable, Optional
 from .actions import PER_BATCH, Action
 from .routing import Routing
 
-__all__ = ["Action", "Schedule", "one_f_one_b", "interlocked", "inference", "train_schedule", "SCHEDULES"]
+__all__ = ["Action", "Schedule", "one_f_one_b", "interlocked", "inference", "train_schedule", "plan", "SCHEDULES"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,11 @@ SCHEDULES: dict[str, Callable[[Routing, int], Schedule]] = {"1f1b": one_f_one_b}
 
 def train_schedule(name: str, routing: Routing, micro_batches: int) -> Schedule:
     return SCHEDULES[name](routing, micro_batches)
+
+
+def plan(kind: str, name: str, routing: Routing, micro_batches: int) -> Schedule:
+    """The schedule an engine runs: ``kind`` "train" (the order ``name``) or "inference"."""
+    return inference(routing, micro_batches) if kind == "inference" else train_schedule(name, routing, micro_batches)
 
 
 def interlocked(routing: Routing, micro_batches: int, max_live: Optional[int] = None) -> Schedule:
