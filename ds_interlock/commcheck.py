@@ -43,11 +43,6 @@ class BatchEnd:
     flush: bool = True
     """A collective across all stages at the optimizer step (DeepSpeed's global-norm clipping,
     bf16's norm); False with clip_scope="stage" or no clipping."""
-    report: str = "sync"
-    """Loss all-reduce over all ranks. Modelled as a stream wait plus a host sync in both
-    modes ("async" waits one batch later). Waiting at once is the stronger assumption, and
-    a sound one: each rank's issue order is fixed, so the model's verdict does not depend on
-    timing, and an extra wait can only add dependencies (a cycle can appear, never vanish)."""
     tied: tuple = ()
     """Per tied module, the stages that own a copy (an all-reduce among them); see tied_stages."""
     static_shapes: bool = True
@@ -149,6 +144,11 @@ def tied_stages(layers: list, parts: list) -> tuple:
 
 
 def _batch_end_ops(action: Action, stage: int, S: int, end: BatchEnd) -> list:
+    """The engine's collectives and host syncs for a per-batch action. The loss all-reduce is
+    modelled as a stream wait plus a host sync with either ``report`` setting ("async" waits one
+    batch later). Waiting at once is the stronger assumption, and a sound one: each rank's issue
+    order is fixed, so the verdict does not depend on timing, and an extra wait can only add
+    dependencies (a cycle can appear, never vanish)."""
     if action.op == "reduce_tied":
         return [Op("coll", f"reduce_tied: all-reduce tied gradients among stages {owners}", comm=f"tied{i}", wait=True)
                 for i, owners in enumerate(end.tied) if stage in owners]
@@ -213,13 +213,18 @@ def describe(schedule) -> str:
             f"M={schedule.micro_batches}, {schedule.batches} batch(es)")
 
 
-def require_safe(schedule, batch_end: BatchEnd = BatchEnd(), layout: str = "channel") -> None:
-    """Raise DeadlockError, naming the schedule and the wait-for cycle, unless two batches of
-    ``schedule`` back to back run to completion under the NCCL model."""
-    plan = schedule if schedule.name == "inference" else schedule.repeat(2)
-    result = check(plan, batch_end, layout)
+def assert_completes(schedule, batch_end: BatchEnd = BatchEnd(), layout: str = "channel", cost=unit_cost) -> Result:
+    """check(), raising DeadlockError (naming the schedule and the wait-for cycle) on a deadlock."""
+    result = check(schedule, batch_end, layout, cost)
     if not result.ok:
-        raise DeadlockError(f"{describe(plan)} would deadlock under NCCL ({layout} layout):\n{result.deadlock}")
+        raise DeadlockError(f"{describe(schedule)} would deadlock under NCCL ({layout} layout):\n{result.deadlock}")
+    return result
+
+
+def require_safe(schedule, batch_end: BatchEnd = BatchEnd(), layout: str = "channel") -> None:
+    """The engine's start-up check: two batches of ``schedule`` back to back (one for
+    inference) must run to completion under the NCCL model."""
+    assert_completes(schedule if schedule.name == "inference" else schedule.repeat(2), batch_end, layout)
 
 
 # ---------------------------------------------------------------- DeepSpeed's own order

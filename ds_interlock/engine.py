@@ -155,7 +155,6 @@ class InterlockingPipelineEngine(PipelineEngine):
         """What this job does between batches, for the NCCL model (the same on every rank)."""
         clipping = self.gradient_clipping() > 0 or self.using_bf16_optimizer
         return commcheck.BatchEnd(flush=clipping and self._stage_grid is None,
-                                  report=self.interlocking.report,
                                   tied=commcheck.tied_stages(self.module._layer_specs, self.module.parts),
                                   static_shapes=not self.module.dynamic_shape)
 
