@@ -48,12 +48,75 @@ def _check(model, config):
             raise InterlockingConfigError(
                 f"model must be an InterlockingPipelineModule, got {type(model).__name__}")
         il = ilconfig.from_ds_config(config)
-        routing = Routing(model.num_stages, il.resolve_k(model.num_stages), il.combine)
-        model.check_heads(routing)
         _check_scheduler(config)
         return il, None
     except InterlockingConfigError as exc:
         return None, str(exc)
+
+
+def _sample(model, training_data, collate_fn, config):
+    """One micro-batch to size and check the heads on: the module's sample_batch, else the
+    first items of training_data (collated as DeepSpeed's loader would), else None."""
+    if model.sample_batch is not None:
+        return model.sample_batch
+    if training_data is None:
+        return None
+    try:
+        n = min(int(config.get("train_micro_batch_size_per_gpu") or 1), len(training_data))
+        items = [training_data[i] for i in range(n)]
+    except (TypeError, IndexError, KeyError):
+        return None     # not a map-style dataset: no sample
+    import torch.utils.data
+    return (collate_fn or torch.utils.data.default_collate)(items)
+
+
+def _prepare_heads(model, sample, il):
+    """Build deferred heads, materialise lazy ones and check that every head fits its stage, before
+    the optimizer exists. Collective when there is a sample (every rank must call it).
+    Returns (parameters of heads built here, this rank's error or None)."""
+    try:
+        new = []
+        if model.has_aux_heads and sample is not None and not model.aux_head_error:
+            new = model.prepare_heads(sample)
+        elif model.heads_pending:
+            what = ("aux_head takes the stage's output (stage_id, out)" if model._head_factory is not None
+                    else f"the aux head of stage {model.stage_id} has lazy modules")
+            raise InterlockingConfigError(
+                f'"aux_head": {what}, which needs a sample batch to be sized: pass training_data= to initialize, '
+                "or sample_batch=(inputs, labels) to InterlockingPipelineModule")
+        routing = Routing(model.num_stages, il.resolve_k(model.num_stages), il.combine)
+        model.check_heads(routing)
+        return new, None
+    except InterlockingConfigError as exc:
+        return [], str(exc)
+
+
+def _agree_on_sample(sample):
+    """The dry run is collective: every rank must have a sample, or none."""
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return sample
+    flags = [None] * tdist.get_world_size()
+    tdist.all_gather_object(flags, sample is not None)
+    if any(flags) and not all(flags):
+        missing = [r for r, f in enumerate(flags) if not f]
+        _agree_on_errors(f"ranks {missing} have no sample batch while others do: pass the same "
+                         "training_data= / sample_batch= on every rank")
+    return sample
+
+
+def _add_to_optimizer(params, optimizer, model_parameters):
+    """Heads built at initialize are new parameters: the optimizer must train them too."""
+    if not params:
+        return optimizer, model_parameters
+    if optimizer is not None and hasattr(optimizer, "add_param_group"):
+        optimizer.add_param_group({"params": params})
+    elif model_parameters is not None:
+        model_parameters = list(model_parameters)
+        if model_parameters and isinstance(model_parameters[0], dict):
+            model_parameters.append({"params": params})
+        else:
+            model_parameters += params
+    return optimizer, model_parameters
 
 
 OUR_SCHEDULER = "InverseSqrtWarmup"   # lr_schedules.INVERSE_SQRT_TYPE
@@ -137,6 +200,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 
     il, error = _check(model, config)
     _agree_on_errors(error)
+    sample = _agree_on_sample(_sample(model, training_data, collate_fn, config))
+    new_params, error = _prepare_heads(model, sample, il)
+    _agree_on_errors(error)
+    optimizer, model_parameters = _add_to_optimizer(new_params, optimizer, model_parameters)
     config, lr_scheduler = _take_our_scheduler(config, lr_scheduler)
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)          # the engine must read our (possibly edited) dict, not the file

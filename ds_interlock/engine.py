@@ -70,6 +70,11 @@ class InterlockingPipelineEngine(PipelineEngine):
         self._plans = {}
         self.profile = None             # a list to record (op, mb, loss, start, end) per action, see profile.py
         self._stage_grid = None
+        if self.routing.heads_are_probes:
+            # DeepSpeed's bf16 and ZeRO optimizers leave parameters so marked out of the clipping
+            # norm: probe heads must not change the trunk's update
+            for p in self.module.aux_heads.parameters():
+                p.ds_pipe_replicated = True
         if self.interlocking.clip_scope == "stage":
             self._stage_grid = make_optimizer_stage_local(self.optimizer, self.grid)
         ckpt = self.module.activation_checkpoint_func
@@ -234,11 +239,20 @@ class InterlockingPipelineEngine(PipelineEngine):
         return self.agg_train_loss
 
     def clip_fp32_gradients(self) -> None:
-        if self._stage_grid is None:
-            return super().clip_fp32_gradients()
+        """DeepSpeed's clipping (or the stage's own with clip_scope "stage"); probe heads are
+        clipped by the trunk's coefficient but never count in its norm."""
         from deepspeed.runtime.utils import clip_grad_norm_
-        clip_grad_norm_(parameters=self.module.parameters(), max_norm=self.gradient_clipping(),
-                        mpu=self._stage_grid)
+        mpu = self._stage_grid or self.mpu
+        if not self.routing.heads_are_probes or self.module.aux_head is None:
+            clip_grad_norm_(parameters=self.module.parameters(), max_norm=self.gradient_clipping(), mpu=mpu)
+            return
+        trunk = self.module.stage_parameters()
+        norm = clip_grad_norm_(parameters=trunk, max_norm=self.gradient_clipping(), mpu=mpu)
+        head = [p for p in self.module.aux_heads.parameters() if p.grad is not None]
+        if head:
+            coef = torch.clamp(self.gradient_clipping() / (norm + 1e-6), max=1.0)
+            for p in head:
+                p.grad.data.mul_(coef.to(p.grad.device))
 
     @contextmanager
     def _param_grad_section(self):

@@ -117,6 +117,38 @@ def _micro_batches(cfg: dict) -> int:
     return gas
 
 
+def _prepare_heads(stages: list, heads: list, seeds: list, factory: Callable, sample: Any,
+                   aux_loss_fn: Callable) -> None:
+    """Deferred heads built from a dry run on ``sample`` (stage by stage, as the launch does it),
+    lazy ones materialised, every head checked against its stage's output."""
+    from . import heads as H
+    pending = [s for s, h in enumerate(heads[:-1]) if h is None or H.has_lazy(h)]
+    if sample is None:
+        if pending:
+            raise InterlockingConfigError(
+                f'"aux_head": the heads of stages {pending} need the stage output to be sized (a factory taking '
+                "(stage_id, out), or lazy modules): pass sample_batch=(inputs, labels)")
+        return
+    inputs, labels = (sample[0], sample[1]) if isinstance(sample, (tuple, list)) and len(sample) == 2 \
+        else (sample, None)
+    x = inputs
+    for s, stage in enumerate(stages[:-1]):
+        device = next(iter(stage.parameters()), torch.empty(0)).device
+        was, offset = stage.training, stage.micro_offset
+        stage.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=H.forked_devices()):
+                x = stage(to_device(x, device))
+        except Exception as exc:
+            raise InterlockingConfigError(f"stage {s} failed on the sample batch: {type(exc).__name__}: {exc}") from exc
+        finally:
+            stage.train(was)
+            stage.micro_offset = offset
+        if heads[s] is None:
+            heads[s] = H.build(factory, s, seeds[s], H.StageOutput.of(s, x))
+        H.dry_run(s, heads[s], x, labels, aux_loss_fn, seeds[s])
+
+
 def ensure_process_group(backend: Optional[str] = None) -> None:
     """A world of one process, as DeepSpeed's engine needs one (no launcher required)."""
     import deepspeed
@@ -136,7 +168,9 @@ class InProcessPipeline:
 
     ``devices``: one device for every stage (default: CUDA if available, else CPU), or a
     list with a device per stage. ``optimizer`` / ``lr_scheduler``: as for
-    ``deepspeed.initialize`` (default: the config's). ``train_batch(data_iter)`` returns the
+    ``deepspeed.initialize`` (default: the config's). ``sample_batch``: one ``(inputs, labels)``
+    micro-batch to size heads that take the stage's output and check every head early
+    (heads.py). ``train_batch(data_iter)`` returns the
     true loss; ``stage_losses`` holds every head's loss; ``eval_batch`` fills
     ``eval_stage_losses``.
     """
@@ -147,7 +181,8 @@ class InProcessPipeline:
                  activation_checkpoint_interval: int = 0, activation_checkpoint_func: Callable = default_checkpoint_func,
                  checkpointable_layers: Optional[list] = None, seed_layers: bool = False,
                  seed_fn: Optional[Callable] = None, base_seed: int = 1234,
-                 optimizer: Any = None, lr_scheduler: Any = None, verbose: bool = True) -> None:
+                 optimizer: Any = None, lr_scheduler: Any = None, verbose: bool = True,
+                 sample_batch: Any = None) -> None:
         from .bootstrap import _check_scheduler, _take_our_scheduler
         from .partition import build_stages
 
@@ -166,11 +201,17 @@ class InProcessPipeline:
             self.devices = [torch.device(devices or default)] * S
         self.micro_batches = _micro_batches(cfg)
 
-        parts, stages, heads, states = build_stages(
+        if aux_head is not None and not callable(aux_head):
+            raise InterlockingConfigError(f'"aux_head": expected a callable stage_id -> nn.Module, got '
+                                          f"{type(aux_head).__name__}")
+        parts, stages, heads, states, seeds = build_stages(
             layers, S, partition_method, aux_head, activation_checkpoint_interval=activation_checkpoint_interval,
             activation_checkpoint_func=activation_checkpoint_func, checkpointable_layers=checkpointable_layers,
             seed_layers=seed_layers, seed_fn=seed_fn, base_seed=base_seed)
         self.parts = parts
+        aux_fn = aux_loss_fn if aux_loss_fn is not None else loss_fn
+        if aux_head is not None:
+            _prepare_heads(stages, heads, seeds, aux_head, sample_batch, aux_fn)
         missing = [s for s in range(S - 1) if heads[s] is None]
         if missing and self.routing.needs_aux_heads:
             raise InterlockingConfigError(
@@ -182,6 +223,9 @@ class InProcessPipeline:
                 heads[s].to(self.devices[s])
         self._tie_copies(stages)
         self.model = _Model(stages, heads)
+        if self.routing.heads_are_probes:     # out of the bf16 optimizer's clipping norm, as in a launch
+            for p in self.model.aux_heads.parameters():
+                p.ds_pipe_replicated = True
         self._rng = [_RngStream(st, d) for st, d in zip(states, self.devices)]
 
         self.engine = self._deepspeed_engine(cfg, optimizer, lr_scheduler, _take_our_scheduler)
@@ -197,7 +241,7 @@ class InProcessPipeline:
         self.transport = InProcessTransport(self.devices)
         self.executors = [
             StageExecutor(s, self.routing, forward=stages[s], loss_fn=loss_fn, head=heads[s],
-                          aux_loss_fn=aux_loss_fn if aux_loss_fn is not None else loss_fn,
+                          aux_loss_fn=aux_fn,
                           aux_loss_weight=self.interlocking.aux_loss_weight,
                           params=list(stages[s].parameters()), transport=self.transport.for_stage(s),
                           hooks=StageHooks(load=self._loader(s), autocast=self._autocast,
@@ -378,16 +422,18 @@ class InProcessPipeline:
         every stage (with its head) by its own norm."""
         groups = [[p for p in self.stage_parameters(s).values() if p.grad is not None]
                   for s in range(self.num_stages)]
+        probes = {id(p) for p in self.model.aux_heads.parameters()} if self.routing.heads_are_probes else set()
+        counted = [[p for p in g if id(p) not in probes] for g in groups]   # probe heads never count
         if self.interlocking.clip_scope == "stage":
-            for g in groups:
-                if g:
-                    torch.nn.utils.clip_grad_norm_(g, max_norm)
+            for g, c in zip(groups, counted):
+                if c:
+                    coef = torch.clamp(max_norm / (_norm(c) + 1e-6), max=1.0)
+                    for p in g:
+                        p.grad.detach().mul_(coef.to(p.grad.device))
             return
-        if not groups[0]:
+        if not counted[0]:
             return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
-                                                     for p in groups[0]]))
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        coef = torch.clamp(max_norm / (_norm(counted[0]) + 1e-6), max=1.0)
         for g in groups:
             for p in g:
                 p.grad.detach().mul_(coef.to(p.grad.device))
@@ -398,6 +444,10 @@ class InProcessPipeline:
         if str(s) in self.model.aux_heads:
             out.update({f"aux_heads.{s}.{n}": p for n, p in self.model.aux_heads[str(s)].named_parameters()})
         return out
+
+
+def _norm(params: list) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params]))
 
 
 class _RngStream:

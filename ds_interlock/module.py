@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 from deepspeed.pipe import PipelineModule
 
+from . import heads as H
 from .config import InterlockingConfigError
+from .stage import to_device
 
 if TYPE_CHECKING:
     from .routing import Routing
@@ -29,7 +31,7 @@ class InterlockingPipelineModule(PipelineModule):
     """
 
     def __init__(self, layers, num_stages=None, loss_fn=None, aux_head=None, aux_loss_fn=None,
-                 activation_checkpoint_func=default_checkpoint_func, **pipeline_kwargs):
+                 activation_checkpoint_func=default_checkpoint_func, sample_batch=None, **pipeline_kwargs):
         super().__init__(layers, num_stages=num_stages, loss_fn=loss_fn,
                          activation_checkpoint_func=activation_checkpoint_func, **pipeline_kwargs)
         self.aux_loss_fn = aux_loss_fn if aux_loss_fn is not None else loss_fn
@@ -37,15 +39,89 @@ class InterlockingPipelineModule(PipelineModule):
         self.has_aux_heads = aux_head is not None
         self.aux_heads = nn.ModuleDict()
         self.aux_head_error = None      # reported by initialize(), where config errors live
+        self.sample_batch = sample_batch
+        # drawn once the stage is built and without advancing the global state, so heads never
+        # change the trunk's random stream (initialisation, dropout)
+        self._head_seed = H.head_seed(self.stage_id)
+        self._head_factory = None       # aux_head(stage_id, output): built at initialize from a dry run
         if aux_head is not None and not callable(aux_head):
             self.aux_head_error = f"aux_head must be a callable stage_id -> nn.Module, got {type(aux_head).__name__}"
         elif aux_head is not None and self.stage_id < self.num_stages - 1:
-            head = aux_head(self.stage_id)
-            if not isinstance(head, nn.Module):
-                self.aux_head_error = (f"aux_head({self.stage_id}) returned {type(head).__name__}, "
-                                       "expected a torch.nn.Module")
+            if H.wants_output(aux_head):
+                self._head_factory = aux_head
             else:
-                self.aux_heads[str(self.stage_id)] = head.to(next(iter(self.parameters()), torch.empty(0)).device)
+                try:
+                    self._set_head(H.build(aux_head, self.stage_id, self._head_seed))
+                except InterlockingConfigError as exc:
+                    self.aux_head_error = str(exc).removeprefix('"aux_head": ')
+
+    def _set_head(self, head: nn.Module) -> None:
+        self.aux_heads[str(self.stage_id)] = head.to(next(iter(self.parameters()), torch.empty(0)).device)
+
+    @property
+    def heads_pending(self) -> bool:
+        """True while this stage's head waits for a sample of its input (deferred factory, lazy modules)."""
+        return self._head_factory is not None or H.has_lazy(self.aux_head)
+
+    def prepare_heads(self, sample: Any) -> list[nn.Parameter]:
+        """Size, materialise and check this stage's head on a sample batch; returns the parameters of a
+        head built here (the optimizer must get them). Every rank calls it: stage s's output travels
+        to stage s+1 by a broadcast from the first pipeline replica."""
+        inputs, labels = (sample[0], sample[1]) if isinstance(sample, (tuple, list)) and len(sample) == 2 \
+            else (sample, None)
+        output, error = self._sample_forward(inputs)
+        if error:
+            raise InterlockingConfigError(error)
+        if output is None:
+            return []
+        new = []
+        if self._head_factory is not None:
+            self._set_head(H.build(self._head_factory, self.stage_id, self._head_seed,
+                                   H.StageOutput.of(self.stage_id, output)))
+            self._head_factory = None
+            new = [p for p in self.aux_head.parameters() if p.requires_grad]
+        if self.aux_head is not None:
+            device = next(iter(self.parameters()), torch.empty(0)).device
+            labels = to_device(labels, device) if labels is not None else None
+            H.dry_run(self.stage_id, self.aux_head, output, labels, self.aux_loss_fn, self._head_seed)
+        return new
+
+    def _sample_forward(self, inputs: Any) -> tuple[Any, Optional[str]]:
+        """(this stage's output on the sample, or None on the last stage; an error message or None)."""
+        import torch.distributed as tdist
+        first_pipeline = self._grid._topo.get_axis_comm_lists("pipe")[0] if self.num_stages > 1 else [0]
+        distributed = tdist.is_initialized() and tdist.get_world_size() > 1
+        device = next(iter(self.parameters()), torch.empty(0)).device
+        x, mine, error = inputs, None, None
+        for s in range(self.num_stages):
+            if s == self.stage_id and error is None:
+                try:
+                    mine = self._forward_sample(to_device(x, device))
+                except Exception as exc:  # noqa: BLE001 - reported at initialize, naming the stage
+                    error = (f"stage {self.stage_id} failed on the sample batch (input {H.StageOutput.of(s, x)}): "
+                             f"{type(exc).__name__}: {exc}")
+            if s == self.num_stages - 1:
+                break
+            box = [(error, None if mine is None or s != self.stage_id else to_device(mine, torch.device("cpu")))]
+            if distributed:
+                tdist.broadcast_object_list(box, src=first_pipeline[s])
+            got_error, x = box[0]
+            if got_error and error is None:
+                error = f"stage {s} could not run the sample batch: {got_error}" if s != self.stage_id else got_error
+        if self.stage_id == self.num_stages - 1:
+            return None, error
+        return mine, error
+
+    def _forward_sample(self, x: Any) -> Any:
+        """The stage's forward in eval mode, without gradients, touching no random or seed state."""
+        was_training, offset = self.training, self.micro_offset
+        self.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=H.forked_devices()):
+                return PipelineModule.forward(self, x)
+        finally:
+            self.train(was_training)
+            self.micro_offset = offset
 
     def mpu(self):
         # deepspeed.initialize asks for the grid before it builds DeepSpeed's own PipelineEngine,

@@ -74,23 +74,25 @@ class StageModule(nn.Module):
 
 
 def build_stages(layers: list, num_stages: int, partition_method: str = "parameters",
-                 aux_head: Optional[Callable[[int], nn.Module]] = None, **stage_kwargs) -> tuple[list, list, list, list]:
-    """(parts, stage modules, aux heads, random states) as a multi-process launch builds them.
+                 aux_head: Optional[Callable] = None, **stage_kwargs) -> tuple[list, list, list, list, list]:
+    """(parts, stage modules, aux heads, random states, head seeds) as a multi-process launch builds them.
 
     Every rank of a launch starts from the same random state, computes the partition and
     builds only its own stage and head; so does each stage here. Returns, per stage, the
-    random state it was left with, so that each stage can keep its own stream (dropout)."""
+    random state it was left with, so that each stage can keep its own stream (dropout).
+    Heads are built on their own seeds (heads.py); a factory that takes the stage's output
+    leaves None here, to be built from a sample batch."""
+    from . import heads as H
     cpu_state = torch.random.get_rng_state()
     parts = partition(layers, num_stages, partition_method)
     after_partition = torch.random.get_rng_state()
-    stages, heads, states = [], [], []
+    stages, heads, states, seeds = [], [], [], []
     for s in range(num_stages):
         torch.random.set_rng_state(after_partition)
         stages.append(StageModule(layers, parts[s], parts[s + 1], **stage_kwargs))
-        head = aux_head(s) if aux_head is not None and s < num_stages - 1 else None
-        if head is not None and not isinstance(head, nn.Module):
-            raise TypeError(f"aux_head({s}) returned {type(head).__name__}, expected a torch.nn.Module")
-        heads.append(head)
+        seeds.append(H.head_seed(s))
         states.append(torch.random.get_rng_state())
+        wanted = aux_head is not None and s < num_stages - 1 and not H.wants_output(aux_head)
+        heads.append(H.build(aux_head, s, seeds[s]) if wanted else None)
     torch.random.set_rng_state(cpu_state)
-    return parts, stages, heads, states
+    return parts, stages, heads, states, seeds

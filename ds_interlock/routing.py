@@ -30,7 +30,13 @@ class Routing:
     def needs_aux_heads(self) -> bool:
         """Every stage but the last needs its head, except for k = S with "furthest" (ordinary
         backprop), where heads are optional probes."""
-        return not (self.k >= self.num_stages and self.combine == "furthest")
+        return not self.heads_are_probes
+
+    @property
+    def heads_are_probes(self) -> bool:
+        """k = S with "furthest": no head's gradient reaches the trunk; heads only observe it, and
+        the trunk must train exactly as it would without them (clipping norms leave them out)."""
+        return self.k >= self.num_stages and self.combine == "furthest"
 
     def reaching(self, s: int) -> list[int]:
         """Losses whose gradient flows through stage s by definition."""

@@ -24,10 +24,15 @@ from typing import Any, Callable, ContextManager, Optional, Protocol, Sequence
 
 import torch
 
+from . import heads
 from .actions import Action
 from .routing import Routing
 
 Tensor = torch.Tensor
+
+
+class HeadMismatchError(RuntimeError):
+    """An aux head that does not fit its stage's output (the message names stage and shapes)."""
 
 
 def as_list(x: Any) -> tuple[list[Tensor], bool]:
@@ -239,7 +244,14 @@ class StageExecutor:
 
     def _head_loss(self, x: Any, labels: Any, ctx: RunContext) -> Tensor:
         with self.hooks.autocast():
-            loss = self.aux_loss_fn(self.head(x), labels)
+            try:
+                out = self.head(x)
+            except Exception as exc:
+                raise HeadMismatchError(heads.mismatch(self.stage_id, self.head, x, exc)) from exc
+            try:
+                loss = self.aux_loss_fn(out, labels)
+            except Exception as exc:
+                raise HeadMismatchError(heads.mismatch(self.stage_id, self.head, x, exc, part="loss")) from exc
         ctx.loss_sum += loss.detach().double()
         return loss
 
@@ -277,7 +289,7 @@ class StageExecutor:
         roots, grads = self._backward_pairs(st, combined)
         fused = self.routing.fused_input(self.stage_id)
         leaves = st.leaves if fused is not None and self.stage_id > 0 else []
-        if roots:
+        if roots and (self.params or leaves):    # a stage of parameter-free layers only passes gradients on
             with self.hooks.param_grad_section():
                 torch.autograd.backward(roots, grads, inputs=self.params + leaves)
         if leaves:
