@@ -19,9 +19,10 @@ from deepspeed.runtime.activation_checkpointing import checkpointing as ds_check
 from deepspeed.utils import logger
 
 from . import commcheck
+from . import stockckpt
 from . import wire
 from . import schedule as sched
-from .config import InterlockingConfig
+from .config import InterlockingConfig, InterlockingConfigError
 from .module import default_checkpoint_func
 from .routing import Routing
 from .stage import RunContext, StageExecutor, StageHooks, to_device
@@ -136,6 +137,44 @@ class InterlockingPipelineEngine(PipelineEngine):
             self.monitor.write_events(events)
         if return_logits:
             return out, ctx.eval_logits
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        """DeepSpeed's load_checkpoint; a stock DeepSpeed pipeline checkpoint (no aux heads in it)
+        loads too: the layers and their optimizer state, with the heads starting fresh."""
+        stock = stockckpt.is_stock(load_dir, tag, self.module)
+        if not stock:
+            return super().load_checkpoint(load_dir, tag=tag, load_module_strict=load_module_strict,
+                                           load_optimizer_states=load_optimizer_states,
+                                           load_lr_scheduler_states=load_lr_scheduler_states,
+                                           load_module_only=load_module_only, custom_load_fn=custom_load_fn)
+        with_optimizer = load_optimizer_states and not load_module_only
+        if with_optimizer and (self.zero_optimization() or self.bfloat16_enabled()):
+            raise InterlockingConfigError(
+                f"{stock}: a stock DeepSpeed checkpoint (no aux heads) keeps the optimizer state of bf16 and ZeRO in "
+                "flat buffers that do not include the heads; load it with load_optimizer_states=False (the layers "
+                "load, the optimizer starts fresh) or from an fp32 job without ZeRO")
+        self.module.fresh_heads = True
+        saved = self.optimizer.load_state_dict if with_optimizer else None
+        if with_optimizer:
+            self.optimizer.load_state_dict = stockckpt.loader_without_heads(
+                self.optimizer, saved, {id(p) for p in self.module.aux_heads.parameters()}, stock)
+        try:
+            out = super().load_checkpoint(load_dir, tag=tag, load_module_strict=load_module_strict,
+                                          load_optimizer_states=load_optimizer_states,
+                                          load_lr_scheduler_states=load_lr_scheduler_states,
+                                          load_module_only=load_module_only, custom_load_fn=custom_load_fn)
+        finally:
+            self.module.fresh_heads = False
+            if saved is not None:
+                del self.optimizer.load_state_dict      # back to the class's method
+        self.loaded_stock_checkpoint = stock
+        if self.global_rank == 0:
+            what = "the layers and their optimizer state" if with_optimizer else "the layers"
+            print(f"ds_interlock: {stock} is a stock DeepSpeed pipeline checkpoint: loaded {what}; "
+                  "the aux heads start fresh", flush=True)
         return out
 
     def reset_activation_shape(self) -> None:

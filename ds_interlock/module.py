@@ -40,6 +40,7 @@ class InterlockingPipelineModule(PipelineModule):
         self.aux_heads = nn.ModuleDict()
         self.aux_head_error = None      # reported by initialize(), where config errors live
         self.sample_batch = sample_batch
+        self.fresh_heads = False        # set while loading a stock checkpoint, which has no heads
         # drawn once the stage is built and without advancing the global state, so heads never
         # change the trunk's random stream (initialisation, dropout)
         self._head_seed = H.head_seed(self.stage_id)
@@ -165,7 +166,7 @@ class InterlockingPipelineModule(PipelineModule):
 
     def load_state_dir(self, load_dir, checkpoint_engine, strict=True):
         super().load_state_dir(load_dir, checkpoint_engine, strict=strict)
-        if self.aux_head is None:
+        if self.aux_head is None or self.fresh_heads:
             return
         path = self._aux_ckpt_path(load_dir)
         if not os.path.exists(path):

@@ -75,6 +75,8 @@ CASES_2 += [grad_case(2, 1, "furthest", M=3, w=2.5),
             grad_case(2, 2, "furthest", tied=True), grad_case(2, 1, "sum", tied=True),
             grad_case(2, "global", "furthest", M=1, heads=False),
             grad_case(2, 2, "furthest", M=2, feeding="training_data"),
+            # a head factory that takes the stage output, sized by a dry run on training_data's first items
+            grad_case(2, 2, "sum", M=2, feeding="training_data", head_kind="sized"),
             grad_case(2, 2, "sum", M=2, w=0.5, eval=True, csv_monitor="@CSV@", steps_per_print=1)]
 EQUIV = [dict(name="stock_adam", S=2, M=2, same_batch=True, stock=True, optimizer="adam", steps=5),
          dict(name="global_adam", S=2, M=2, same_batch=True, k="global", combine="furthest", optimizer="adam", steps=5),
@@ -86,6 +88,13 @@ EQUIV = [dict(name="stock_adam", S=2, M=2, same_batch=True, stock=True, optimize
          dict(name="k2_clip", S=2, M=2, k=2, combine="sum", w=1.0, optimizer="sgd", lr=1.0, clip=0.05),
          dict(name="k2_stage_clip", S=2, M=2, k=2, combine="sum", w=1.0, optimizer="sgd", lr=1.0, clip=0.05,
               il={"clip_scope": "stage"}),
+         # dropout and default initialisation draw from the global generator; DeepSpeed's default clipping (1.0)
+         dict(name="stock_drop", S=2, M=2, stock=True, model="dropout", default_clip=True, lr=0.5, steps=4),
+         dict(name="stock_drop_noclip", S=2, M=2, stock=True, model="dropout", lr=0.5, steps=4),
+         dict(name="probes_drop", S=2, M=2, k="global", model="dropout", head_kind="default_init", default_clip=True,
+              lr=0.5, steps=4),
+         dict(name="stock_ckpt_full", S=2, M=2, stock=True, optimizer="adam", steps=6),
+         dict(name="stock_ckpt_first", S=2, M=2, stock=True, optimizer="adam", steps=3, save_dir="@STOCK@"),
          dict(name="async_report", S=2, M=2, k=1, combine="sum", optimizer="adam", steps=4, il={"report": "async"}),
          dict(name="dynamic_shapes", S=2, M=2, k=2, combine="sum", w=1.0, steps=2, dynamic_shape=True,
               seq_by_step=[5, 9])]
@@ -102,6 +111,8 @@ def two_procs(tmp_path_factory):
         for key in ("csv_monitor", "save_dir"):
             if case.get(key) in ("@CSV@", "@CKPT@"):
                 case[key] = str(out / key)
+            if case.get(key) == "@STOCK@":
+                case[key] = str(out / "stock_dir")
         cases.append(case)
     return run_cases(2, cases, str(out)), out
 
@@ -166,6 +177,21 @@ def test_global_equals_stock_deepspeed(two_procs):
     assert max(abs(a - b) for a, b in zip(local[1:], stock[1:])) > 1e-3   # other k really differ
     # every rank returns the true loss
     assert results["global_adam"][1]["losses"] == pytest.approx(ours, rel=1e-6)
+
+
+def test_global_with_probe_heads_is_stock(two_procs):
+    """Heads built with default initialisation, dropout in the layers, DeepSpeed's default clipping:
+    global + probe heads trains the trunk exactly as the stock job does."""
+    results, _ = two_procs
+    stock, free = results["stock_drop"], results["stock_drop_noclip"]
+    probes = results["probes_drop"]
+    assert probes[0].get("init_error") is None, probes[0]["init_error"]
+    assert max(abs(a - b) for a, b in zip(stock[0]["losses"][1:], free[0]["losses"][1:])) > 1e-4  # clipping acts
+    assert probes[0]["losses"] == pytest.approx(stock[0]["losses"], rel=1e-6, abs=1e-6)
+    for r, rec in enumerate(probes):
+        assert rec["stage_losses"][-1][0] == rec["stage_losses"][-1][0]     # the probe reports a loss
+        for n, p in stock[r]["params"].items():
+            assert torch.allclose(rec["params"][n], p, rtol=1e-5, atol=1e-6), n
 
 
 def test_gradient_clipping(two_procs):
@@ -307,9 +333,17 @@ def test_checkpoint_resume_and_bad_configs(two_procs, tmp_path):
            dict(name="deepspeed_initialize", S=2, k=2, init="deepspeed"),
            # last: it swaps the worker's layout for the old shared one, whose plan deadlocks under NCCL
            dict(name="old_layout", S=2, k=2, combine="furthest", M=2, layout="shared")]
+    bad += [dict(name="wrong_head", S=2, k=2, M=2, feeding="training_data", head_kind="wrong")]
     resume = dict(name="ckpt_resume", S=2, M=2, k=1, combine="sum", optimizer="adam", steps=3, step_offset=3,
                   load_dir=str(out / "save_dir"))
-    got = run_cases(2, [resume] + bad, str(tmp_path))
+    stock_dir = str(out / "stock_dir")
+    from_stock = [dict(name="from_stock", S=2, M=2, k="global", optimizer="adam", steps=3, step_offset=3,
+                       load_dir=stock_dir),
+                  dict(name="from_stock_k1", S=2, M=2, k=1, combine="sum", optimizer="adam", steps=2, step_offset=3,
+                       load_dir=stock_dir),
+                  dict(name="from_stock_bf16", S=2, M=2, k=1, bf16=True, optimizer="adam", load_dir=stock_dir),
+                  dict(name="lazy_heads", S=2, M=2, k=1, feeding="training_data", head_kind="lazy", steps=2)]
+    got = run_cases(2, [resume] + from_stock + bad, str(tmp_path))
     full = results["ckpt_full"][0]["losses"]
     assert results["ckpt_first"][0]["losses"] == pytest.approx(full[:3], rel=1e-6)
     assert got["ckpt_resume"][0]["losses"] == pytest.approx(full[3:], rel=1e-6)
@@ -318,6 +352,26 @@ def test_checkpoint_resume_and_bad_configs(two_procs, tmp_path):
         assert any(n.startswith("aux_heads") for n in want) == (rec["stage"] == 0)
         for n, p in rec["params"].items():
             assert torch.allclose(p, want[n], rtol=1e-5, atol=1e-6), n
+
+    # a stock DeepSpeed checkpoint: layers and Adam state load, heads start fresh; global continues exactly
+    stock_full = results["stock_ckpt_full"]
+    assert results["stock_ckpt_first"][0]["losses"] == pytest.approx(stock_full[0]["losses"][:3], rel=1e-6)
+    assert got["from_stock"][0]["loaded_stock"].endswith("ckpt")
+    assert got["from_stock"][0]["losses"] == pytest.approx(stock_full[0]["losses"][3:], rel=1e-5)
+    for r, rec in enumerate(got["from_stock"]):
+        for n, p in stock_full[r]["params"].items():
+            assert torch.allclose(rec["params"][n], p, rtol=1e-5, atol=1e-6), n
+    assert got["from_stock_k1"][0]["loaded_stock"] and all(v == v for v in got["from_stock_k1"][0]["losses"])
+    err = got["from_stock_bf16"][0].get("load_error") or ""
+    assert "stock DeepSpeed checkpoint" in err and "load_optimizer_states=False" in err, err
+    # lazy heads materialised by the dry run on training_data, before the optimizer
+    lazy = got["lazy_heads"]
+    assert lazy[0].get("init_error") is None, lazy[0]["init_error"]
+    assert lazy[0]["params"]["aux_heads.0.weight"].shape == (11, 8)
+    # a head that does not fit fails at initialize, naming stage, shape and expectation, on every rank
+    for rec in got["wrong_head"]:
+        err = rec.get("init_error") or ""
+        assert "stage 0" in err and "Tensor[2, 5, 8] float32" in err and "expects 9 input features" in err, err
 
     expect = {"bad_k": '"interlocking.k"', "bad_k_name": '"interlocking.k"', "bad_combine": '"interlocking.combine"',
               "bad_weight": '"interlocking.aux_loss_weight"', "no_heads": '"aux_head"', "bad_head": '"aux_head"',

@@ -26,10 +26,12 @@ def ds_config(case, dp):
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": case.get("M", 2),
         "train_batch_size": 2 * case.get("M", 2) * dp,
-        "gradient_clipping": case.get("clip", 0.0),
+        "gradient_clipping": case.get("clip", 0.0),   # absent with default_clip: DeepSpeed's 1.0
         "steps_per_print": case.get("steps_per_print", 1000),
         "zero_allow_untested_optimizer": True,
     }
+    if case.get("default_clip"):
+        del cfg["gradient_clipping"]
     if case.get("zero"):
         cfg["zero_optimization"] = {"stage": case["zero"]}
     if case.get("bf16"):
@@ -48,17 +50,47 @@ def ds_config(case, dp):
     return cfg
 
 
+class Dropped(torch.nn.Module):
+    """Default initialisation and dropout: both draw from the global random generator."""
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = torch.nn.Linear(dim, dim)
+        self.drop = torch.nn.Dropout(0.2)
+
+    def forward(self, x):
+        return x + self.drop(torch.tanh(self.lin(x)))
+
+
+def dropout_specs(dim=8, vocab=11):
+    from deepspeed.pipe import LayerSpec
+    return ([LayerSpec(torch.nn.Embedding, vocab, dim)] + [LayerSpec(Dropped, dim) for _ in range(4)]
+            + [LayerSpec(torch.nn.Linear, dim, vocab)])
+
+
+HEADS = {
+    "toy": lambda: tm.aux_head(),
+    "not_module": lambda: (lambda s: 42),
+    "sized": lambda: (lambda s, out: tm.Head(out.features, 11, 1000 + s)),   # same weights as "toy"
+    "lazy": lambda: (lambda s: torch.nn.LazyLinear(11)),
+    "wrong": lambda: (lambda s: torch.nn.Linear(9, 11)),
+    "default_init": lambda: (lambda s: torch.nn.Linear(8, 11)),
+}
+
+
 def build(case, world):
     S = case["S"]
-    specs = tm.layer_specs(blocks=case.get("blocks", 4), tied=case.get("tied", False))
+    torch.manual_seed(case.get("seed", 0))
+    if case.get("model") == "dropout":
+        specs = dropout_specs()
+    else:
+        specs = tm.layer_specs(blocks=case.get("blocks", 4), tied=case.get("tied", False))
     common = dict(num_stages=S, loss_fn=tm.loss_fn, partition_method="uniform",
                   activation_checkpoint_interval=case.get("ckpt_interval", 0),
                   dynamic_shape=case.get("dynamic_shape", False))
     if case.get("stock"):
         return PipelineModule(layers=specs, **common)
-    heads = case.get("heads", True)
-    head = case.get("bad_head")
-    factory = (lambda s: 42) if head == "not_module" else (tm.aux_head() if heads else None)
+    kind = case.get("bad_head") or case.get("head_kind", "toy")
+    factory = HEADS[kind]() if case.get("heads", True) or case.get("bad_head") else None
     return InterlockingPipelineModule(layers=specs, aux_head=factory, **common)
 
 
@@ -119,7 +151,13 @@ def run_case(case, args, world):
         torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
         return
     if case.get("load_dir"):
-        engine.load_checkpoint(case["load_dir"])
+        try:
+            engine.load_checkpoint(case["load_dir"])
+        except Exception as exc:  # noqa: BLE001 - the test asserts on the message
+            record["load_error"] = f"{type(exc).__name__}: {exc}"
+            torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+            return
+        record["loaded_stock"] = getattr(engine, "loaded_stock_checkpoint", None)
     if case.get("crash_stage") is not None and engine.stage_id == case["crash_stage"]:
         inner, calls = engine.module.forward, []
 
