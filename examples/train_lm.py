@@ -28,7 +28,8 @@ Checkpoints: --save_dir DIR saves every --save_interval steps and at the end; a 
 that finds DIR/latest resumes from it and skips the micro-batches already consumed, so
 it sees the same data as an uninterrupted run (same --seed and process count).
 
-Metrics (--metrics_file, JSON lines, global rank 0):
+Metrics (--metrics_file, JSON lines, global rank 0, appended to; see Metrics):
+    start: {"event": "run_start", "time", "resume_step", "argv"}   (first, at every launch)
     train: {"step", "loss", "aux_losses": [S-1], "lr", "tokens_per_s", "elapsed_s"}
     eval:  {"step", "eval_loss", "eval_stage_loss": [S], "eval_word_ppl", "eval_s"}
 """
@@ -101,7 +102,7 @@ def build_parser():
                    help="checkpoint directory; a run resumes from its latest checkpoint")
     t.add_argument("--save_interval", type=int, default=1000, help="save every N steps (and at the end)")
     t.add_argument("--log_interval", type=int, default=1, help="write a train metrics line every N steps")
-    t.add_argument("--metrics_file", default=None, help="JSON-lines metrics file (rank 0 writes it)")
+    t.add_argument("--metrics_file", default=None, help="JSON-lines metrics file (rank 0 appends; a run_start record first)")
     return p
 
 
@@ -206,22 +207,74 @@ def check_checkpoint_kind(save_dir, single_process):
         raise SystemExit(f"{tag_dir} was written by {made}; resume it the same way, or use another --save_dir")
 
 
-class Metrics:
-    """JSON lines, written and flushed by global rank 0 only."""
+def parse_metrics_line(line):
+    """The record on one metrics line, or None if it is not a JSON object (e.g. cut short by a kill)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
-    def __init__(self, path, rank, resume_step):
+
+def is_run_start(record, fresh=False):
+    """A run marker; with fresh=True only one that starts a new run (not a resume)."""
+    return (isinstance(record, dict) and record.get("event") == "run_start"
+            and (not fresh or not record.get("resume_step")))
+
+
+def drop_records_after(path, step):
+    """Remove the records of the file's last run (from its last fresh run_start on) with a step
+    beyond ``step``: the run resumed from ``step`` writes them again. Earlier runs, markers and
+    lines that are not JSON are kept. Rewritten by temp file + rename, so a kill loses nothing."""
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        lines = f.readlines()
+    records = [parse_metrics_line(line) for line in lines]
+    start = max((i for i, r in enumerate(records) if is_run_start(r, fresh=True)), default=0)
+    keep = [line for i, (line, r) in enumerate(zip(lines, records))
+            if i < start or r is None or "event" in r
+            or not (isinstance(r.get("step"), (int, float)) and r["step"] > step)]
+    if len(keep) == len(lines):
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def ends_in_newline(path):
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+class Metrics:
+    """JSON lines, written and flushed by global rank 0 only.
+
+    The file is appended to, never truncated: every launch first writes a run marker
+    {"event": "run_start", "time", "resume_step", "argv"}, so that a file can hold several runs
+    and they can be told apart (examples/plot_metrics.py plots the last one; a marker with
+    resume_step 0 starts a new run, a resumed launch's continues it). A resumed launch removes
+    its run's records from beyond the checkpoint (:func:`drop_records_after`). A last line cut
+    short by a kill is left for the readers to skip, and the next record starts on a new line.
+    """
+
+    def __init__(self, path, rank, resume_step, argv=None):
         self.f = None
         if path is None or rank != 0:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        kept = []
         if resume_step > 0 and os.path.exists(path):
-            # Drop lines from beyond the checkpoint: the resumed run writes them again.
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-        self.f = open(path, "w")
-        self.f.writelines(kept)
-        self.f.flush()
+            drop_records_after(path, resume_step)
+        partial = os.path.exists(path) and not ends_in_newline(path)
+        self.f = open(path, "a", encoding="utf-8")
+        if partial:
+            self.f.write("\n")
+        self.write({"event": "run_start", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "resume_step": resume_step, "argv": list(sys.argv[1:] if argv is None else argv)})
 
     def write(self, record):
         if self.f is not None:
@@ -340,7 +393,7 @@ def main(argv=None):
         if schedule_note:
             print(schedule_note, flush=True)
 
-    metrics = Metrics(args.metrics_file, rank, start_step)
+    metrics = Metrics(args.metrics_file, rank, start_step, argv)
     train_iter = batch_iterator(data.train, micro, dp_rank, dp_size, seed=args.seed, skip_batches=consumed)
     tokens_per_step = micro * gas * dp_size * seq_len
     show_bar = rank == 0 and sys.stdout.isatty()

@@ -86,3 +86,41 @@ def test_prepare_from_parquet(pq_dir, tmp_path):
     assert data.heldout_counts.tokens == len(expected) == data.heldout_tokens.num_tokens
     assert data.heldout_tokens.open().tolist() == expected
     assert len(data.heldout) == (len(expected) - 1) // 4
+
+
+# --- table files left out are named; skipped rows are counted per file (issue 13) ---
+
+def test_unused_table_files_named_and_rows_counted_per_file(tmp_path):
+    def write(rel, rows):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_dict({"text": rows}).to_parquet(str(tmp_path / rel))
+
+    write("train/0.parquet", ["a b", None, "c d"])
+    write("train/1.parquet", ["e f", "g"])
+    write("test/0.parquet", ["h i"])
+    write("validation/0.parquet", ["j"])
+    write("extra/0.parquet", ["k"])
+    write("train/2.parquet/part-0.parquet", [" ", "l m"])           # Spark's layout: a directory is searched
+    (tmp_path / "train" / "3.parquet").symlink_to(tmp_path / "gone.parquet")
+    train, test = open_table_corpus(tmp_path)
+    assert [str(f.relative_to(tmp_path)) for f in train.files] == [
+        "train/0.parquet", "train/1.parquet", "train/2.parquet/part-0.parquet"]
+    assert dict(train.skipped_files) == {
+        str(tmp_path / "extra" / "0.parquet"): "no split (train/test/validation) in its path",
+        str(tmp_path / "train" / "3.parquet"): f"is a broken symlink (to {tmp_path / 'gone.parquet'})",
+        str(tmp_path / "validation" / "0.parquet"): "split 'validation' is not used"}
+    stats = LineStats()
+    assert list(train.iter_lines(stats)) == ["a b", "c d", "e f", "g", "l m"]
+    part = tmp_path / "train" / "2.parquet" / "part-0.parquet"
+    assert stats.per_file == {str(tmp_path / "train" / "0.parquet"): LineStats(kept=2, empty=1),
+                              str(tmp_path / "train" / "1.parquet"): LineStats(kept=2),
+                              str(part): LineStats(kept=1, empty=1)}
+    assert stats.dropped_by_file() == [f"{tmp_path / 'train' / '0.parquet'}: dropped 1 of 3 lines (empty=1)",
+                                       f"{part}: dropped 1 of 2 lines (empty=1)"]
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        open_table_corpus(data_files={"train": str(tmp_path / "train" / "2.parquet"),
+                                      "test": str(tmp_path / "test" / "0.parquet")})
+    data = prepare_lm_data(tmp_path, tmp_path / "cache", vocab_size=30, seq_len=2, progress=False,
+                           model_type="char")
+    assert f"skipped file {tmp_path / 'validation' / '0.parquet'}: split 'validation' is not used" in data.summary()
+    assert "0.parquet: dropped 1 of 3 lines (empty=1)" in data.summary()

@@ -124,3 +124,59 @@ def test_missing_split_directory_names_path(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         rel.train_files()
     assert str(release / TRAIN_DIR) in str(e.value)
+
+
+# --- nothing left out without a word (issue 13) ---
+
+def test_unusable_shards_are_named_not_dropped(tmp_path):
+    release = write_sample_corpus(tmp_path, num_train_shards=4, sentences_per_shard=10)
+    train = release / TRAIN_DIR
+    shard2, shard3 = train / "news.en-00002-of-00100", train / "news.en-00003-of-00100"
+    shard2.unlink()
+    shard2.mkdir()                                   # a directory with a shard's name
+    shard3.unlink()
+    shard3.symlink_to(tmp_path / "elsewhere" / "news.en-00003-of-00100")    # broken symlink
+    (train / "README").write_text("not a shard")
+    (train / ".news.en-00005-of-00100.tmp-h-1-0badcafe").write_text("half")
+    rel = locate_release(release)
+    src = rel.train_source()
+    assert [p.name for p in src.paths] == ["news.en-00001-of-00100", "news.en-00004-of-00100"]
+    assert dict(src.skipped_files) == {
+        str(train / ".news.en-00005-of-00100.tmp-h-1-0badcafe"): "a temporary file of an interrupted write",
+        str(train / "README"): "not a training shard name (news.en-00001-of-00100 .. news.en-00099-of-00100)",
+        str(shard2): "is a directory, not a file",
+        str(shard3): f"is a broken symlink (to {tmp_path / 'elsewhere' / 'news.en-00003-of-00100'})"}
+    assert len(list(src.iter_lines(LineStats()))) == 20
+    # asked for by number: refused, with the reason
+    with pytest.raises(FileNotFoundError, match="is a directory") as e:
+        rel.train_files([1, 2])
+    assert str(shard2) in str(e.value)
+    with pytest.raises(FileNotFoundError, match="broken symlink") as e:
+        rel.train_source([3])
+    assert str(shard3) in str(e.value)
+    assert rel.train_source([1]).skipped_files == []
+
+
+def test_no_usable_shard_says_what_was_there(tmp_path):
+    release = write_sample_corpus(tmp_path, num_train_shards=1, sentences_per_shard=5)
+    shard = release / TRAIN_DIR / "news.en-00001-of-00100"
+    shard.unlink()
+    shard.mkdir()
+    with pytest.raises(FileNotFoundError, match="is a directory") as e:
+        locate_release(release).train_files()
+    assert str(shard) in str(e.value)
+
+
+def test_tarball_members_left_out_are_named(corpus, tmp_path):
+    tarball = tmp_path / TARBALL_NAME
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(corpus / RELEASE_DIR, arcname=RELEASE_DIR)
+        link = tarfile.TarInfo(f"{RELEASE_DIR}/{TRAIN_DIR}/news.en-00009-of-00100")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    member = f"{tarball}:{RELEASE_DIR}/{TRAIN_DIR}/news.en-00009-of-00100"
+    for _ in range(2):        # unpacked, then from the unpacked cache: the same report
+        rel = locate_release(tarball, extract_dir=tmp_path / "x")
+        assert rel.train_source().skipped_files == [(member, "is a symlink in the tarball, not a regular file")]
+        assert rel.heldout_source(None).skipped_files == []
+        assert len(rel.train_files()) == 3

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from ds_interlock.data import (FileSource, LineStats, TextCounts, count_words_and_tokens,
-                               encode_to_token_file, token_dtype, train_or_load_tokenizer,
-                               word_perplexity, write_sample_corpus)
+from ds_interlock.data import (CorruptCacheError, FileSource, LineStats, PackedLMDataset, TextCounts, TokenFile,
+                               count_words_and_tokens, encode_to_token_file, load_tokenizer, token_dtype,
+                               train_or_load_tokenizer, word_perplexity, write_sample_corpus)
 from ds_interlock.data.raw import locate_release
 
 
@@ -106,3 +106,63 @@ def test_empty_source_raises(tmp_path, setup):
     with pytest.raises(ValueError, match="no usable sentences"):
         encode_to_token_file(FileSource([f]), tok, tmp_path / "c", progress=False)
     assert not list((tmp_path / "c" / "tokens").iterdir())
+
+
+# --- a corrupted token cache is named, never an IndexError (issue 13) ---
+
+def _fresh_token_file(tmp_path, setup):
+    rel, tok, _ = setup
+    return rel, tok, encode_to_token_file(rel.heldout_source(), tok, tmp_path / "c", name="heldout", progress=False)
+
+
+def test_corrupt_token_cache_names_its_files(tmp_path, setup):
+    rel, tok, tf = _fresh_token_file(tmp_path, setup)
+    meta, good = tf.meta_path, tf.path.read_bytes()
+    assert TokenFile.load(meta).vocab_size == tok.vocab_size
+    damage = {
+        "truncated": lambda: tf.path.write_bytes(good[:-2]),
+        "overwritten": lambda: tf.path.write_bytes(b"\xff\xff" * 8 + good[16:]),    # same size
+        "missing": lambda: tf.path.unlink(),
+    }
+    for what, do in damage.items():
+        do()
+        with pytest.raises(CorruptCacheError) as e:
+            TokenFile.load(meta)
+        assert str(tf.path) in str(e.value) and "delete" in str(e.value), what
+        tf.path.write_bytes(good)
+    text = meta.read_text()
+    meta.write_text(text[:len(text) // 2])       # half-written metadata
+    with pytest.raises(CorruptCacheError, match="unreadable") as e:
+        TokenFile.load(meta)
+    assert str(meta) in str(e.value)
+    # encode_to_token_file rebuilds the entry, with a warning, rather than stopping
+    with pytest.warns(UserWarning, match=f"rebuilding a corrupt token cache: token cache metadata {meta}"):
+        again = encode_to_token_file(rel.heldout_source(), tok, tmp_path / "c", name="heldout", progress=False)
+    assert again.built and again.rebuilt_because and again.path.read_bytes() == good
+    assert encode_to_token_file(rel.heldout_source(), tok, tmp_path / "c", name="heldout").rebuilt_because is None
+
+
+def test_out_of_vocabulary_id_names_the_token_file(tmp_path, setup):
+    _, tok, tf = _fresh_token_file(tmp_path, setup)
+    ds = PackedLMDataset(tf, 16)
+    assert ds.vocab_size == tok.vocab_size
+    ds.get_batch([0, 1])
+    mm = np.memmap(tf.path, dtype=tf.dtype, mode="r+")
+    mm[20] = tok.vocab_size + 7                  # garbled after the load check
+    mm.flush()
+    del mm
+    ds = PackedLMDataset(tf, 16)
+    ds[0]
+    with pytest.raises(CorruptCacheError, match=f"token 20 has id {tok.vocab_size + 7}") as e:
+        ds[1]
+    assert str(tf.path) in str(e.value) and "delete" in str(e.value)
+    with pytest.raises(CorruptCacheError):
+        PackedLMDataset(tf.path, 16, dtype=tf.dtype, vocab_size=tok.vocab_size).get_batch([1])
+
+
+def test_corrupt_tokenizer_model_names_its_file(tmp_path):
+    bad = tmp_path / "spm.model"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(CorruptCacheError, match="delete it") as e:
+        load_tokenizer(bad)
+    assert str(bad) in str(e.value)

@@ -6,12 +6,14 @@ raw text (release dir / tarball / local parquet) -> cleaned lines (bad ones coun
 """
 
 from .batching import batch_iterator, batches_per_epoch, epoch_permutation, shard_indices
+from .cache import CorruptCacheError, remove_stale_temps
 from .lines import DEFAULT_MAX_CHARS, FileSource, LineStats, TextSource, clean_line
 from .packing import PackedLMDataset
 from .parquet import TableSource, find_table_files, open_table_corpus
 from .prepare import LMData, detect_source, prepare_lm_data, sample_corpus_dir
 from .raw import (HELDOUT_DIR, RELEASE_DIR, TARBALL_NAME, TEST_SHARD, TRAIN_DIR, RawRelease,
                   heldout_shard_name, locate_release, train_shard_name)
+from .textcheck import NotTextError
 from .tokenizer import SpmTokenizer, load_tokenizer, train_or_load_tokenizer
 from .tokens import (TextCounts, TokenFile, count_words_and_tokens, encode_to_token_file,
                      token_dtype, word_perplexity)
@@ -26,6 +28,7 @@ __all__ = [
     "encode_to_token_file", "TokenFile", "TextCounts", "count_words_and_tokens",
     "word_perplexity", "token_dtype",
     "PackedLMDataset", "batch_iterator", "shard_indices", "batches_per_epoch", "epoch_permutation",
+    "NotTextError", "CorruptCacheError", "remove_stale_temps",
     "write_sample_corpus", "generate_sentences",
 ]
 

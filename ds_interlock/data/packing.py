@@ -4,7 +4,8 @@ Sequence ``i`` reads tokens ``[i*T, i*T + T]`` (T+1 tokens): inputs are the firs
 the last T (inputs shifted by one). Consecutive windows overlap by one token, so every
 token after the first is a target exactly once, and windows run across sentence
 boundaries (sentences are separated by EOS in the stream). The tail that does not fill a
-whole window is dropped.
+whole window is dropped. A token id at or above the vocabulary size (a corrupted token
+file) raises an error naming the file, not an IndexError deep inside the embedding.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .cache import CorruptCacheError
 from .tokens import TokenFile
 
 
@@ -27,11 +29,14 @@ class PackedLMDataset(Dataset):
     """
 
     def __init__(self, tokens: TokenFile | str | os.PathLike, seq_len: int,
-                 dtype: np.dtype | str | None = None, num_tokens: int | None = None):
+                 dtype: np.dtype | str | None = None, num_tokens: int | None = None,
+                 vocab_size: int | None = None):
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.vocab_size = vocab_size
         if isinstance(tokens, TokenFile):
             self.path, self.dtype, self.num_tokens = tokens.path, tokens.dtype, tokens.num_tokens
+            self.vocab_size = vocab_size or tokens.vocab_size
         else:
             if dtype is None:
                 raise ValueError("dtype is needed when giving a path instead of a TokenFile")
@@ -65,7 +70,13 @@ class PackedLMDataset(Dataset):
         if not 0 <= i < self.num_sequences:
             raise IndexError(f"sequence {i} out of range 0..{self.num_sequences - 1}")
         start = i * self.seq_len
-        return np.asarray(self._tokens()[start:start + self.seq_len + 1], dtype=np.int64)
+        w = np.asarray(self._tokens()[start:start + self.seq_len + 1], dtype=np.int64)
+        if self.vocab_size is not None and w.max() >= self.vocab_size:
+            j = int(np.argmax(w >= self.vocab_size))
+            raise CorruptCacheError(
+                f"token file {self.path} is corrupted: token {start + j} has id {int(w[j])}, not below the "
+                f"vocabulary size {self.vocab_size}; delete it and its .json to rebuild it")
+        return w
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         w = torch.from_numpy(self.window(int(i)))

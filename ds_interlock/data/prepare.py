@@ -3,18 +3,23 @@
 Every step (sample corpus, tarball unpacking, tokenizer, token files) is cached under
 ``cache_dir`` and published by atomic rename, so the caller can run this on local rank 0
 first and then, after a barrier, on the other ranks, which only re-open the files.
+
+Nothing is left out silently: :meth:`LMData.summary` (printed by the training script at
+start-up) names every file left out and why, the files that had lines dropped and how many,
+the temporary files of killed builds removed at this start, and cache entries rebuilt.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import sentencepiece as spm
 
-from .cache import cache_key, make_temp_dir_beside, publish_dir
+from .cache import cache_key, make_temp_dir_beside, publish_dir, remove_stale_temps
 from .lines import DEFAULT_MAX_CHARS, LineStats
 from .packing import PackedLMDataset
 from .parquet import looks_like_tables, open_table_corpus
@@ -42,6 +47,8 @@ class LMData:
     train_tokens: TokenFile
     heldout_tokens: TokenFile
     built: dict = field(default_factory=dict)   # step -> True if built by this call, False if loaded
+    skipped_files: list = field(default_factory=list)   # (path, reason) of corpus files left out
+    notes: list = field(default_factory=list)           # stale temps removed, corrupt caches rebuilt
 
     def word_perplexity(self, mean_token_nll: float) -> float:
         """Per-word held-out perplexity from the mean per-token NLL (nats) on the held-out set."""
@@ -50,14 +57,28 @@ class LMData:
     def summary(self) -> str:
         return "\n".join([
             f"data: {self.source} corpus at {self.data_dir}",
+            *(f"  skipped file {path}: {why}" for path, why in self.skipped_files),
             f"tokenizer: {self.tokenizer_path} (vocab {self.vocab_size}, eos {self.eos_id})",
             f"train: {self.train_counts.sentences} sentences, {self.train_counts.tokens} tokens, "
             f"{len(self.train)} sequences of {self.train.seq_len}; lines {self.train_stats}",
+            *(f"  {line}" for line in self.train_stats.dropped_by_file()),
             f"heldout: {self.heldout_counts.sentences} sentences, {self.heldout_counts.words} words, "
             f"{self.heldout_counts.tokens} tokens ({self.heldout_counts.tokens_per_word:.3f} tokens/word), "
             f"{len(self.heldout)} sequences; lines {self.heldout_stats}",
+            *(f"  {line}" for line in self.heldout_stats.dropped_by_file()),
             "built: " + ", ".join(f"{k}={'built' if v else 'cached'}" for k, v in self.built.items()),
+            *(f"note: {n}" for n in self.notes),
         ])
+
+
+# The cache sub-directories whose entries are built by temp + rename (a killed build leaves its temp).
+CACHE_SUBDIRS = ("sample_corpus", "extracted", "tokenizer", "tokens")
+
+
+def clean_cache_dir(cache_dir: str | os.PathLike) -> list[str]:
+    """Remove what killed builds left in ``cache_dir``; one line per removed temp, for the summary."""
+    return [f"removed {path}: {why}" for sub in CACHE_SUBDIRS
+            for path, why in remove_stale_temps(Path(cache_dir) / sub)]
 
 
 def sample_corpus_dir(cache_dir: str | os.PathLike, num_train_shards: int = 4,
@@ -71,8 +92,12 @@ def sample_corpus_dir(cache_dir: str | os.PathLike, num_train_shards: int = 4,
     if (final / RELEASE_DIR).is_dir():
         return final / RELEASE_DIR, False
     tmp = make_temp_dir_beside(final)
-    write_sample_corpus(tmp, num_train_shards, sentences_per_shard, seed, **kwargs)
-    publish_dir(tmp, final)
+    try:
+        write_sample_corpus(tmp, num_train_shards, sentences_per_shard, seed, **kwargs)
+        publish_dir(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return final / RELEASE_DIR, True
 
 
@@ -119,6 +144,7 @@ def prepare_lm_data(data_dir: str | os.PathLike | None = None,
         from ..paths import default_cache_dir
         cache_dir = default_cache_dir() / "lm_data"
     cache_dir = Path(cache_dir).expanduser()
+    notes = clean_cache_dir(cache_dir)
     built: dict[str, bool] = {}
     if data_dir is None:
         data_dir, built["sample_corpus"] = sample_corpus_dir(cache_dir, **(sample_corpus or {}))
@@ -145,6 +171,7 @@ def prepare_lm_data(data_dir: str | os.PathLike | None = None,
     heldout_tf = encode_to_token_file(heldout_src, tok, cache_dir, name="heldout",
                                       max_chars=max_chars, progress=progress)
     built["train_tokens"], built["heldout_tokens"] = train_tf.built, heldout_tf.built
+    notes += [f"rebuilt: {tf.rebuilt_because}" for tf in (train_tf, heldout_tf) if tf.rebuilt_because]
     return LMData(
         train=PackedLMDataset(train_tf, seq_len),
         heldout=PackedLMDataset(heldout_tf, seq_len),
@@ -152,4 +179,4 @@ def prepare_lm_data(data_dir: str | os.PathLike | None = None,
         eos_id=tok.eos_id, train_stats=train_tf.stats, heldout_stats=heldout_tf.stats,
         train_counts=train_tf.counts, heldout_counts=heldout_tf.counts,
         source=source, data_dir=data_dir, train_tokens=train_tf, heldout_tokens=heldout_tf,
-        built=built)
+        built=built, skipped_files=[*train_src.skipped_files, *heldout_src.skipped_files], notes=notes)

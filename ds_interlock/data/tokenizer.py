@@ -14,7 +14,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .cache import atomic_write_bytes, atomic_write_json, cache_key, file_sha256, read_json
+from .cache import CorruptCacheError, atomic_write_bytes, atomic_write_json, cache_key, file_sha256, read_json
 from .lines import DEFAULT_MAX_CHARS, LineStats, TextSource
 
 DEFAULT_VOCAB_SIZE = 32_000
@@ -46,7 +46,11 @@ def load_tokenizer(model_path: str | os.PathLike) -> SpmTokenizer:
     path = Path(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"sentencepiece model not found: {path}")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        raise CorruptCacheError(f"sentencepiece model {path} is unreadable ({e}); if it is a cached one, "
+                                f"delete it and {path.with_suffix('.json').name} to train it again") from e
     meta_path = path.with_suffix(".json")
     key = read_json(meta_path)["key"] if meta_path.is_file() else ""
     return SpmTokenizer(sp, path, key, file_sha256(path), built=False)

@@ -3,9 +3,11 @@
 Layout: ``<name>-<key>.bin`` is the raw array of token ids (uint16 when the vocabulary
 fits, else uint32); every sentence is followed by the EOS id, so packed windows cross
 sentence boundaries with a clear separator. ``<name>-<key>.json`` holds the dtype, the
-counts, the line statistics and the key. Lines are streamed and encoded in batches, so
-30M sentences never sit in memory. The key covers the source identity, the tokenizer's
-file hash and the cleaning limit.
+counts, the line statistics (also per source file) and the key. Lines are streamed and
+encoded in batches, so 30M sentences never sit in memory. The key covers the source
+identity, the tokenizer's file hash and the cleaning limit. Every load checks the file's
+size and a sampled checksum (:func:`~ds_interlock.data.cache.sampled_digest`); an entry that
+fails is rebuilt, with a warning, instead of feeding wrong token ids to the model.
 
 Word-level perplexity convention (used by :class:`TextCounts` and :func:`word_perplexity`):
 ``words`` = space-separated words of the kept lines + one end-of-sentence per line, and
@@ -20,12 +22,13 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .cache import atomic_write_json, cache_key, read_json, temp_path_for
+from .cache import CorruptCacheError, atomic_write_json, cache_key, read_json, sampled_digest, temp_path_for
 from .lines import DEFAULT_MAX_CHARS, LineStats, TextSource
 from .tokenizer import SpmTokenizer
 
@@ -73,19 +76,40 @@ class TokenFile:
     stats: LineStats
     key: str
     built: bool    # True if encoded by this call, False if loaded from the cache
+    vocab_size: int | None = None         # every id is below it (checked by PackedLMDataset)
+    rebuilt_because: str | None = None    # set when a corrupt cache entry was replaced by this call
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path.with_suffix(".json")
 
     def open(self) -> np.memmap:
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
 
     @classmethod
     def load(cls, meta_path: str | os.PathLike) -> "TokenFile":
-        meta = read_json(meta_path)
-        path = Path(meta_path).with_suffix(".bin")
-        tf = cls(path, np.dtype(meta["dtype"]), int(meta["num_tokens"]), TextCounts(**meta["counts"]),
-                 LineStats.from_dict(meta["stats"]), meta["key"], built=False)
+        """Open a cache entry; :class:`CorruptCacheError` (naming its files) if it does not check out."""
+        meta_path = Path(meta_path)
+        path = meta_path.with_suffix(".bin")
+        fix = f"delete {meta_path} and {path} to rebuild it"
+        try:
+            meta = read_json(meta_path)
+            tf = cls(path, np.dtype(meta["dtype"]), int(meta["num_tokens"]), TextCounts(**meta["counts"]),
+                     LineStats.from_dict(meta["stats"]).with_per_file(meta.get("file_stats", {})),
+                     meta["key"], built=False, vocab_size=meta.get("vocab_size"))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:   # a JSON error is a ValueError
+            raise CorruptCacheError(f"token cache metadata {meta_path} is unreadable "
+                                    f"({type(e).__name__}: {e}); {fix}") from e
         expected = tf.num_tokens * tf.dtype.itemsize
-        if not path.is_file() or path.stat().st_size != expected:
-            raise FileNotFoundError(f"token file missing or truncated (want {expected} bytes): {path}")
+        if not path.is_file():
+            raise CorruptCacheError(f"token file {path} is missing (its metadata {meta_path} is there); {fix}")
+        size = path.stat().st_size
+        if size != expected:
+            raise CorruptCacheError(f"token file {path} has {size} bytes but its metadata says {tf.num_tokens} "
+                                    f"{tf.dtype.name} tokens ({expected} bytes): truncated or overwritten; {fix}")
+        if "sampled_sha256" in meta and sampled_digest(path) != meta["sampled_sha256"]:
+            raise CorruptCacheError(f"token file {path} does not match the checksum in {meta_path}: "
+                                    f"changed since it was written; {fix}")
         return tf
 
 
@@ -111,8 +135,14 @@ def encode_to_token_file(source: TextSource, tokenizer: SpmTokenizer, cache_dir:
                      "max_chars": max_chars, "separator": "eos", "version": _FORMAT_VERSION})
     out_dir = Path(cache_dir) / "tokens"
     meta_path = out_dir / f"{name}-{key}.json"
+    rebuilt_because = None
     if meta_path.is_file():
-        return TokenFile.load(meta_path)
+        try:
+            return TokenFile.load(meta_path)
+        except CorruptCacheError as e:
+            # Derived data: rebuild it rather than stop, but say so.
+            rebuilt_because = str(e)
+            warnings.warn(f"rebuilding a corrupt token cache: {e}", stacklevel=2)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     sp = tokenizer.processor
@@ -143,11 +173,14 @@ def encode_to_token_file(source: TextSource, tokenizer: SpmTokenizer, cache_dir:
     # The JSON appears last and marks the entry complete.
     atomic_write_json(meta_path, {"key": key, "dtype": dtype.name, "num_tokens": counts.tokens,
                                   "counts": counts.as_dict(), "stats": stats.as_dict(),
+                                  "file_stats": stats.per_file_as_dict(),
+                                  "sampled_sha256": sampled_digest(bin_path),
                                   "eos_id": eos, "vocab_size": tokenizer.vocab_size,
                                   "tokenizer": str(tokenizer.path), "tokenizer_sha256": tokenizer.sha256,
                                   "source": source.identity(), "version": _FORMAT_VERSION})
     tf = TokenFile.load(meta_path)
     tf.built = True
+    tf.rebuilt_because = rebuilt_because
     return tf
 
 
