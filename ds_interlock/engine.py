@@ -7,6 +7,7 @@ a schedule (schedule.py), the gradient math is the executor's, and tensors trave
 one process group per boundary and direction (wire.py), which commcheck.py proves cannot
 deadlock under NCCL; every plan is checked against that model before it runs.
 """
+import os
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -18,6 +19,7 @@ from deepspeed.runtime.torch_autocast import autocast_if_enabled
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from deepspeed.utils import logger
 
+from . import checkpoints
 from . import commcheck
 from . import stockckpt
 from . import wire
@@ -35,6 +37,8 @@ class InterlockingPipelineEngine(PipelineEngine):
     def __init__(self, *args: Any, interlocking: Optional[InterlockingConfig] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.module.interlocking_engine = True
+        self.checkpoint_engine = checkpoints.safe_checkpoint_engine(self.checkpoint_engine)
+        self.loaded_checkpoint_facts = None   # the run facts of the checkpoint last loaded (None: no marker)
         self.interlocking = interlocking or InterlockingConfig()
         self.routing = Routing(self.num_stages, self.interlocking.resolve_k(self.num_stages),
                                self.interlocking.combine)
@@ -140,10 +144,38 @@ class InterlockingPipelineEngine(PipelineEngine):
         return out
 
     # ------------------------------------------------------------------ checkpoints
+    def run_facts(self) -> dict:
+        """What a checkpoint records about the run that wrote it (checked on resume)."""
+        return {"world_size": dist.get_world_size(), "num_stages": self.num_stages, "data_parallel": self.dp_world_size,
+                "k": self.routing.k, "combine": self.routing.combine, "schedule": self.interlocking.schedule,
+                "micro_batches": self.micro_batches, "global_steps": self.global_steps}
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, exclude_frozen_parameters=False):
+        """DeepSpeed's save, made atomic: the checkpoint counts (commit marker, then ``latest``) only
+        once every rank has written its files (checkpoints.py). ``client_state["run"]``, if given,
+        goes into the marker with the engine's own facts."""
+        tag = f"global_step{self.global_steps}" if tag is None else str(tag)
+        if not checkpoints.valid_tag(tag):
+            raise ValueError(f"checkpoint tag {tag!r} must be a plain directory name")
+        client_state = dict(client_state or {})
+        ok = super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False,
+                                     exclude_frozen_parameters=exclude_frozen_parameters)
+        dist.barrier()      # every rank's files are on disk
+        if self.global_rank == 0:
+            checkpoints.commit(save_dir, tag, {**self.run_facts(), **(client_state.get("run") or {})},
+                               latest=save_latest)
+        dist.barrier()      # nobody reads or prunes before the marker exists
+        return ok
+
     def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                         load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
-        """DeepSpeed's load_checkpoint; a stock DeepSpeed pipeline checkpoint (no aux heads in it)
+        """DeepSpeed's load_checkpoint, of a complete checkpoint only (``latest``'s, else the newest
+        complete one, said on rank 0); a stock DeepSpeed pipeline checkpoint (no aux heads in it)
         loads too: the layers and their optimizer state, with the heads starting fresh."""
+        tag, note = checkpoints.resolve(load_dir, tag)
+        if note and self.global_rank == 0:
+            print(f"ds_interlock: {note}", flush=True)
+        self.loaded_checkpoint_facts = (checkpoints.read_marker(os.path.join(load_dir, tag)) or {}).get("facts")
         stock = stockckpt.is_stock(load_dir, tag, self.module)
         if not stock:
             return super().load_checkpoint(load_dir, tag=tag, load_module_strict=load_module_strict,

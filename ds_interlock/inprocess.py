@@ -26,6 +26,7 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 from torch import nn
 
+from . import checkpoints
 from . import config as ilconfig
 from . import schedule as sched
 from .config import InterlockingConfigError
@@ -230,6 +231,8 @@ class InProcessPipeline:
 
         self.engine = self._deepspeed_engine(cfg, optimizer, lr_scheduler, _take_our_scheduler)
         self.optimizer = self.engine.optimizer
+        self.engine.checkpoint_engine = checkpoints.safe_checkpoint_engine(self.engine.checkpoint_engine)
+        self.loaded_checkpoint_facts: Optional[dict] = None
         self.lr_scheduler = self.engine.lr_scheduler
         bf16 = type(self.optimizer).__name__ == "BF16_Optimizer"
         self._bf16 = bf16
@@ -402,11 +405,28 @@ class InProcessPipeline:
     def gradient_accumulation_steps(self) -> int:
         return self.micro_batches
 
+    def run_facts(self) -> dict:
+        """What a checkpoint records about the run that wrote it (checked on resume)."""
+        return {"world_size": 1, "num_stages": self.num_stages, "data_parallel": 1, "k": self.routing.k,
+                "combine": self.routing.combine, "schedule": self.interlocking.schedule,
+                "micro_batches": self.micro_batches, "global_steps": self.global_steps}
+
     def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None) -> None:
-        self.engine.save_checkpoint(save_dir, tag=tag, client_state={**(client_state or {}),
-                                                                    "rng": [r.state() for r in self._rng]})
+        """DeepSpeed's save of every stage and head, counted complete only once written (checkpoints.py)."""
+        tag = f"global_step{self.global_steps}" if tag is None else str(tag)
+        if not checkpoints.valid_tag(tag):
+            raise ValueError(f"checkpoint tag {tag!r} must be a plain directory name")
+        client_state = dict(client_state or {})
+        self.engine.save_checkpoint(save_dir, tag=tag, save_latest=False,
+                                    client_state={**client_state, "rng": [r.state() for r in self._rng]})
+        checkpoints.commit(save_dir, tag, {**self.run_facts(), **(client_state.get("run") or {})})
 
     def load_checkpoint(self, load_dir: str, tag: Optional[str] = None) -> tuple:
+        """The checkpoint ``tag``, else ``latest``'s if complete, else the newest complete one."""
+        tag, note = checkpoints.resolve(load_dir, tag)
+        if note:
+            print(f"ds_interlock: {note}", flush=True)
+        self.loaded_checkpoint_facts = (checkpoints.read_marker(os.path.join(load_dir, tag)) or {}).get("facts")
         path, client = self.engine.load_checkpoint(load_dir, tag=tag)
         if client and "rng" in client:
             for r, state in zip(self._rng, client["rng"]):

@@ -173,7 +173,8 @@ class InterlockingPipelineModule(PipelineModule):
             if strict:
                 raise FileNotFoundError(f"checkpoint has no aux head for stage {self.stage_id}: {path}")
             return
-        self.aux_head.load_state_dict(checkpoint_engine.load(path, map_location="cpu"), strict=strict)
+        from .checkpoints import safe_load
+        self.aux_head.load_state_dict(safe_load(path, map_location="cpu"), strict=strict)
 
     def check_heads(self, routing: Routing, aux_loss_fn_needed: bool = True) -> None:
         """Fail at start-up when a head that the algorithm needs is missing."""

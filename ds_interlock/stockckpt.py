@@ -17,23 +17,12 @@ import torch
 from .config import InterlockingConfigError
 
 
-def resolve_tag(load_dir: str, tag: Optional[str]) -> Optional[str]:
-    if tag is not None:
-        return str(tag)
-    latest = os.path.join(load_dir, "latest")
-    if not os.path.isfile(latest):
-        return None
-    with open(latest) as f:
-        return f.read().strip() or None
-
-
-def is_stock(load_dir: str, tag: Optional[str], module: Any) -> Optional[str]:
+def is_stock(load_dir: str, tag: str, module: Any) -> Optional[str]:
     """The checkpoint's directory if it is a stock one this model can start from, else None."""
     if not getattr(module, "has_aux_heads", False) or module.num_stages < 2:
         return None
-    tag = resolve_tag(load_dir, tag)
-    path = os.path.join(load_dir, tag) if tag else None
-    if path is None or not os.path.isdir(path):
+    path = os.path.join(load_dir, tag)
+    if not os.path.isdir(path):
         return None     # DeepSpeed reports what is missing
     if any(name.startswith("aux_head_") for name in os.listdir(path)):
         return None

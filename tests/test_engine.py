@@ -284,17 +284,27 @@ BF16 = [dict(name="bf16_k2", S=4, k=2, combine="sum", M=2, w=1.0, bf16=True),
              il={"clip_scope": "stage"}),
         dict(name="bf16_stock", S=4, M=2, stock=True, optimizer="adam", lr=1e-2, steps=3, bf16=True),
         dict(name="bf16_global", S=4, M=2, k="global", optimizer="adam", lr=1e-2, steps=3, bf16=True),
-        dict(name="bf16_zero1", S=2, M=2, k=2, combine="furthest", w=1.0, bf16=True, zero=1)]
+        dict(name="bf16_zero1", S=2, M=2, k=2, combine="furthest", w=1.0, bf16=True, zero=1),
+        # every file a bf16 + ZeRO-1 save writes loads back with weights_only (checkpoints.py)
+        dict(name="bf16_zero1_reload", S=2, M=2, k=2, combine="sum", bf16=True, zero=1, steps=2, save_dir="@CKPT4@",
+             reload=True)]
 
 
 @pytest.fixture(scope="module")
 def four_procs(tmp_path_factory):
     out = tmp_path_factory.mktemp("four")
-    return run_cases(4, CASES_4 + CASES_DP + BF16, str(out))
+    cases = [dict(c, save_dir=str(out / "ckpt4")) if c.get("save_dir") == "@CKPT4@" else c
+             for c in CASES_4 + CASES_DP + BF16]
+    return run_cases(4, cases, str(out))
 
 
 def test_gradients_four_stages(four_procs):
     check_grads(four_procs, CASES_4, world=4)
+
+
+def test_bf16_zero1_checkpoint_reloads_safely(four_procs):
+    recs = four_procs["bf16_zero1_reload"]
+    assert all(r.get("reload_same") for r in recs), [r.get("reload_same") for r in recs]
 
 
 def test_gradients_data_parallel_and_zero1(four_procs):
@@ -427,3 +437,33 @@ def test_killed_rank_ends_the_job(tmp_path):
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", str(path)], capture_output=True, text=True).stdout.split()
     assert not left, f"processes left behind: {left}"
+
+
+def test_kill_during_a_save_leaves_the_last_complete_checkpoint(tmp_path):
+    """The last stage is SIGKILLed after writing its files of checkpoint "b", before the others
+    finish: "b" never counts (no commit marker, ``latest`` still names "a"). A relaunch resumes from
+    "a"; with ``latest`` forced to name "b" (what DeepSpeed's own save leaves), it falls back to "a"
+    and says why."""
+    import json
+    from launch import deepspeed_launch, WORKERS
+    save = tmp_path / "save"
+    killed = [dict(name="killed", S=2, M=2, k=2, combine="sum", optimizer="adam", steps=3, save_dir=str(save),
+                   saves={"1": "a", "2": "b"}, kill_in_save=1, kill_tag="b")]
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(killed))
+    code, log = deepspeed_launch(2, os.path.join(WORKERS, "engine_cases.py"),
+                                 ["--cases", str(path), "--out", str(tmp_path / "killed")], timeout=240)
+    assert code not in (0, None), log[-3000:]
+    assert "killing stage 1 during the save of b" in log
+    assert (save / "latest").read_text() == "a"
+    assert (save / "a" / "ds_interlock_complete.json").exists()
+    assert not (save / "b" / "ds_interlock_complete.json").exists()
+    resume = dict(name="resume_a", S=2, M=2, k=2, combine="sum", optimizer="adam", steps=1, load_dir=str(save))
+    got = run_cases(2, [resume], str(tmp_path / "r1"))
+    assert [r["loaded_step"] for r in got["resume_a"]] == [1, 1]
+    assert got["resume_a"][0]["loaded_facts"]["world_size"] == 2
+    (save / "latest").write_text("b")
+    got = run_cases(2, [dict(resume, name="fallback")], str(tmp_path / "r2"))
+    assert [r["loaded_step"] for r in got["fallback"]] == [1, 1]
+    log = (tmp_path / "r2" / "launch.log").read_text()
+    assert "has no commit marker (its save did not finish); resuming from the newest complete checkpoint" in log

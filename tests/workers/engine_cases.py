@@ -158,6 +158,8 @@ def run_case(case, args, world):
             torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
             return
         record["loaded_stock"] = getattr(engine, "loaded_stock_checkpoint", None)
+        record["loaded_step"] = engine.global_steps
+        record["loaded_facts"] = engine.loaded_checkpoint_facts
     if case.get("crash_stage") is not None and engine.stage_id == case["crash_stage"]:
         inner, calls = engine.module.forward, []
 
@@ -178,12 +180,25 @@ def run_case(case, args, world):
                 os.kill(os.getpid(), signal.SIGKILL)
             return inner_fwd(x)
         engine.module.forward = killed_forward
+    if case.get("kill_in_save") is not None and engine.stage_id == case["kill_in_save"]:
+        import signal
+        inner_save = engine.module.save_state_dict
+
+        def killed_save(save_dir, *a, **k):   # some of this stage's files written, then gone
+            inner_save(save_dir, *a, **k)
+            if save_dir.endswith(case["kill_tag"]):
+                print(f"killing stage {engine.stage_id} during the save of {case['kill_tag']}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        engine.module.save_state_dict = killed_save
+    saves = case.get("saves", {})   # after step n (1-based), save with tag saves[str(n)]
     for step in range(case.get("steps", 1)):
         it = None if case.get("feeding") == "training_data" else data_iter(case, engine, step + case.get("step_offset", 0))
         loss = engine.train_batch(data_iter=it) if it is not None else engine.train_batch()
         record["losses"].append(float(loss))
         record["stage_losses"].append(list(getattr(engine, "stage_losses", []) or []))
         record.setdefault("loss_steps", []).append(getattr(engine, "stage_losses_step", None))
+        if str(step + 1) in saves:
+            engine.save_checkpoint(case["save_dir"], tag=saves[str(step + 1)])
     if case.get("il", {}).get("report") == "async":
         record["flushed"] = float(engine.flush_losses())
     if case.get("eval"):
@@ -191,7 +206,12 @@ def run_case(case, args, world):
         record["eval"] = float(ev)
         record["eval_stage_losses"] = list(engine.eval_stage_losses)
     if case.get("save_dir"):
-        engine.save_checkpoint(case["save_dir"], tag="ckpt")
+        engine.save_checkpoint(case["save_dir"], tag=case.get("tag", "ckpt"))
+        if case.get("reload"):      # every file DeepSpeed wrote loads back under weights_only
+            before = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+            engine.load_checkpoint(case["save_dir"])
+            record["reload_same"] = all(torch.equal(before[n], p.detach().float())
+                                        for n, p in engine.module.named_parameters())
     module = engine.module
     record["params"] = {n: p.detach().float().clone() for n, p in module.named_parameters()}
     record["stage"] = engine.stage_id

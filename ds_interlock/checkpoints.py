@@ -1,0 +1,241 @@
+"""Checkpoints that count only once complete, and loads that run no code.
+
+DeepSpeed's rank 0 writes ``latest`` while the other ranks may still be writing: a kill in
+between leaves ``latest`` naming a half-written tag and the run cannot resume. Here every
+rank writes its files (DeepSpeed's save, without ``latest``), all ranks meet, and only then
+rank 0 writes the tag's commit marker (``ds_interlock_complete.json``: the run's facts and
+every file with its size) and replaces ``latest``, each by temp file + fsync + rename. A load
+takes the tag ``latest`` names if its marker and files check out, and otherwise the newest
+complete checkpoint, saying which and why. Older checkpoints are removed only after a newer
+one is complete.
+
+Every file is read with ``torch.load(weights_only=True)``: tensors and plain data, never
+code. DeepSpeed stores a few of its own objects (the run's argparse ``Namespace``, ...),
+allowed by name; a file that needs anything else is refused naming the file and the object,
+unless ``DS_INTERLOCK_TRUST_CHECKPOINTS=1`` says the files are trusted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import time
+from typing import Any, Optional
+
+import torch
+
+MARKER = "ds_interlock_complete.json"
+LATEST = "latest"
+TRUST_ENV = "DS_INTERLOCK_TRUST_CHECKPOINTS"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the directory or file and why."""
+
+
+def valid_tag(tag: Any) -> bool:
+    """A tag must be a plain directory name inside the save directory (no path, no '..')."""
+    return (isinstance(tag, str) and tag not in ("", ".", "..") and "/" not in tag and os.sep not in tag
+            and "\x00" not in tag and not tag.startswith("."))
+
+
+def atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _files(tag_dir: str) -> dict[str, int]:
+    out = {}
+    for root, _, names in os.walk(tag_dir):
+        for name in names:
+            if name == MARKER or ".tmp-" in name:
+                continue
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, tag_dir)] = os.path.getsize(path)
+    return out
+
+
+def commit(save_dir: str, tag: str, facts: dict, latest: bool = True) -> None:
+    """Mark ``tag`` complete (after every rank has written its files), then point ``latest`` at it."""
+    tag_dir = os.path.join(save_dir, tag)
+    record = {"tag": tag, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "facts": facts, "files": _files(tag_dir)}
+    atomic_write(os.path.join(tag_dir, MARKER), json.dumps(record, indent=1, sort_keys=True))
+    if latest:
+        atomic_write(os.path.join(save_dir, LATEST), tag)
+
+
+def read_marker(tag_dir: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(tag_dir, MARKER)) as f:
+            record = json.load(f)
+        return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def why_incomplete(save_dir: str, tag: Any) -> Optional[str]:
+    """Why ``tag`` is not a complete checkpoint of ``save_dir``, or None if it is."""
+    if not valid_tag(tag):
+        return f"the tag {tag!r} is not a directory name inside {save_dir}"
+    tag_dir = os.path.join(save_dir, tag)
+    if not os.path.isdir(tag_dir):
+        return f"{tag_dir} does not exist"
+    if not os.path.exists(os.path.join(tag_dir, MARKER)):
+        return f"{tag_dir} has no commit marker (its save did not finish)"
+    record = read_marker(tag_dir)
+    if record is None or not isinstance(record.get("files"), dict):
+        return f"{os.path.join(tag_dir, MARKER)} is unreadable"
+    for rel, size in sorted(record["files"].items()):
+        path = os.path.join(tag_dir, rel)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != size:
+            return f"{path} has {os.path.getsize(path)} bytes, the save wrote {size}"
+    return None
+
+
+def complete_tags(save_dir: str) -> list[str]:
+    """Complete checkpoints in ``save_dir``, newest first (by step, then time)."""
+    found = []
+    for name in os.listdir(save_dir) if os.path.isdir(save_dir) else []:
+        if valid_tag(name) and why_incomplete(save_dir, name) is None:
+            record = read_marker(os.path.join(save_dir, name)) or {}
+            step = (record.get("facts") or {}).get("global_steps", -1)
+            found.append((step, os.path.getmtime(os.path.join(save_dir, name, MARKER)), name))
+    return [name for _, _, name in sorted(found, reverse=True)]
+
+
+def _any_marker(save_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(save_dir, n, MARKER)) for n in os.listdir(save_dir)
+               if os.path.isdir(os.path.join(save_dir, n)))
+
+
+def read_latest(save_dir: str) -> Optional[str]:
+    path = os.path.join(save_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path, errors="replace") as f:
+        return f.read().strip()
+
+
+def has_checkpoint(save_dir: str) -> bool:
+    """Anything to resume from: a ``latest`` file or a complete checkpoint."""
+    return os.path.isdir(save_dir) and (os.path.isfile(os.path.join(save_dir, LATEST)) or bool(complete_tags(save_dir)))
+
+
+def resolve(save_dir: str, tag: Optional[str] = None) -> tuple[Optional[str], Optional[str]]:
+    """(the tag to load, a note for the log or None). An explicit ``tag`` must be complete; without
+    one, ``latest``'s tag if complete, else the newest complete checkpoint. Checkpoints written
+    without markers (stock DeepSpeed, older ds_interlock) load as DeepSpeed would, with a note."""
+    if not os.path.isdir(save_dir):
+        raise CheckpointError(f"{save_dir}: no such checkpoint directory")
+    legacy = not _any_marker(save_dir)
+    if tag is not None:
+        reason = why_incomplete(save_dir, tag)
+        if reason is None:
+            return tag, None
+        if legacy and valid_tag(tag) and os.path.isdir(os.path.join(save_dir, tag)):
+            return tag, f"{os.path.join(save_dir, tag)} has no commit marker (stock DeepSpeed or an older ds_interlock)"
+        raise CheckpointError(f"cannot load checkpoint {tag!r}: {reason}")
+    latest = read_latest(save_dir)
+    if latest is None:
+        reason = f"{os.path.join(save_dir, LATEST)} does not exist"
+    elif latest == "":
+        reason = f"{os.path.join(save_dir, LATEST)} is empty"
+    else:
+        reason = why_incomplete(save_dir, latest)
+        if reason is None:
+            return latest, None
+        if legacy and valid_tag(latest) and os.path.isdir(os.path.join(save_dir, latest)):
+            return latest, (f"{os.path.join(save_dir, latest)} has no commit marker (stock DeepSpeed or an older "
+                            "ds_interlock): loading it as DeepSpeed would")
+    done = complete_tags(save_dir)
+    if not done:
+        raise CheckpointError(f"{save_dir}: no complete checkpoint to resume from ({reason})")
+    return done[0], f"{reason}; resuming from the newest complete checkpoint, {os.path.join(save_dir, done[0])}"
+
+
+def prune(save_dir: str, keep: int) -> list[str]:
+    """Remove all but the ``keep`` newest complete checkpoints, and incomplete ones older than the
+    newest complete one (left by a kill). Never touches the newest complete checkpoint."""
+    done = complete_tags(save_dir)
+    if not done:
+        return []
+    newest_time = os.path.getmtime(os.path.join(save_dir, done[0], MARKER))
+    doomed = done[max(keep, 1):]
+    for name in os.listdir(save_dir):
+        path = os.path.join(save_dir, name)
+        if (valid_tag(name) and name not in done and os.path.isdir(path) and _looks_like_checkpoint(path)
+                and os.path.getmtime(path) < newest_time):
+            doomed.append(name)
+    for name in doomed:
+        shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+    return doomed
+
+
+def _looks_like_checkpoint(path: str) -> bool:
+    return any(n.endswith("model_states.pt") or n.endswith("optim_states.pt") for n in os.listdir(path))
+
+
+# ---------------------------------------------------------------- safe loading
+# DeepSpeed's own plain-data classes found in its checkpoint files (0.19): allowed by name
+_DEEPSPEED_GLOBALS = (("deepspeed.utils.tensor_fragment", "fragment_address"),      # bf16/ZeRO flat-buffer maps
+                      ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),         # bf16/ZeRO optimizer state
+                      ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                      ("deepspeed.runtime.zero.config", "ZeroStageEnum"))
+
+
+def _allowed_globals() -> list:
+    import argparse
+    import importlib
+    allowed: list = [argparse.Namespace]    # the `args` DeepSpeed stores with the model states
+    for module, name in _DEEPSPEED_GLOBALS:
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return allowed
+
+
+def trusted() -> bool:
+    return os.environ.get(TRUST_ENV, "") not in ("", "0")
+
+
+def safe_load(path: str, map_location: Any = None) -> Any:
+    """torch.load without running code from the file (see the module docstring)."""
+    if trusted():
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                     if n not in {f"{m}.{c}" for m, c in _DEEPSPEED_GLOBALS}]
+        except Exception:  # noqa: BLE001 - only for the message
+            names = []
+        what = f"it refers to {', '.join(names)}" if names else "it holds more than tensors and plain data"
+        raise CheckpointError(f"{path}: refused to load: {what}, and loading it could run code. If you trust the "
+                              f"file, set {TRUST_ENV}=1") from None
+    except (EOFError, RuntimeError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot be read, the file is damaged or incomplete "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
+def safe_checkpoint_engine(base: Any) -> Any:
+    """DeepSpeed's checkpoint engine ``base`` with its load made safe (saves are unchanged)."""
+    base.load = lambda path, map_location=None: safe_load(path, map_location)
+    return base
