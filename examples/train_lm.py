@@ -101,6 +101,11 @@ def build_parser():
     t.add_argument("--save_dir", default=None,
                    help="checkpoint directory; a run resumes from its latest checkpoint")
     t.add_argument("--save_interval", type=int, default=1000, help="save every N steps (and at the end)")
+    t.add_argument("--keep_checkpoints", type=int, default=3,
+                   help="keep the N newest complete checkpoints; older ones are removed once a newer one is complete")
+    t.add_argument("--allow_run_change", action="store_true",
+                   help="resume even if process count, stages, k, seed or data differ from the checkpoint's "
+                        "(each difference is printed); without it such a resume is refused")
     t.add_argument("--log_interval", type=int, default=1, help="write a train metrics line every N steps")
     t.add_argument("--metrics_file", default=None, help="JSON-lines metrics file (rank 0 appends; a run_start record first)")
     return p
@@ -121,7 +126,7 @@ def parse_args(argv=None):
             parser.error(f"--warmup_steps must be 'auto' or an integer, got {args.warmup_steps!r}")
         if args.warmup_steps < 1:
             parser.error("--warmup_steps must be >= 1")
-    for name in ("num_stages", "log_interval", "save_interval", "vocab_size"):
+    for name in ("num_stages", "log_interval", "save_interval", "vocab_size", "keep_checkpoints"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     for name in ("max_steps", "seq_len", "eval_batches", "num_layers"):
@@ -168,9 +173,71 @@ def set_warmup(cfg, warmup_arg, max_steps, peak_lr=None):
             + (" (--peak_lr)" if peak_lr is not None else ""))
 
 
+def read_config(path):
+    """The DeepSpeed JSON, its errors naming the file and line; the interlocking block checked."""
+    from ds_interlock.config import InterlockingConfigError, from_ds_config
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    try:
+        from_ds_config(cfg)
+    except InterlockingConfigError as exc:
+        raise SystemExit(f"{path}: {exc}") from None
+    return cfg
+
+
+def batch_shape(cfg, path, dp_size):
+    """(micro-batch size, gradient accumulation steps) as DeepSpeed derives them from any two of
+    train_batch_size, train_micro_batch_size_per_gpu and gradient_accumulation_steps."""
+    total, micro, gas = (cfg.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                              "gradient_accumulation_steps"))
+    for key, value in (("train_batch_size", total), ("train_micro_batch_size_per_gpu", micro),
+                       ("gradient_accumulation_steps", gas)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SystemExit(f'{path}: "{key}" must be an integer >= 1, got {value!r}')
+    if micro is None and total is not None:
+        gas = gas or 1
+        if total % (gas * dp_size):
+            raise SystemExit(f'{path}: "train_batch_size" {total} is not a multiple of gradient_accumulation_steps '
+                             f"{gas} x {dp_size} data-parallel replicas")
+        micro = total // (gas * dp_size)
+    if micro is None:
+        raise SystemExit(f'{path}: set "train_micro_batch_size_per_gpu" (or "train_batch_size")')
+    if gas is None:
+        gas = total // (micro * dp_size) if total is not None else 1
+        if gas < 1 or (total is not None and total != micro * gas * dp_size):
+            raise SystemExit(f'{path}: "train_batch_size" {total} is not micro-batch {micro} x {dp_size} replicas '
+                             "x some gradient_accumulation_steps")
+    return micro, gas
+
+
+def check_writable(directory, what):
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise SystemExit(f"{what} {directory} is not writable: {exc}") from None
+
+
+RESUME_FACTS = ("world_size", "num_stages", "data_parallel", "k", "combine", "micro_batches", "seed", "data",
+                "train_sequences", "vocab_size", "seq_len", "model", "arch", "num_layers", "micro_batch")
+
+
+def run_changes(saved, now):
+    """What differs between the checkpoint's run and this one, as lines."""
+    return [f"{key}: checkpoint {saved[key]!r}, now {now[key]!r}" for key in RESUME_FACTS
+            if key in saved and key in now and saved[key] != now[key]]
+
+
 def load_config(args, max_steps):
-    with open(args.deepspeed_config) as f:
-        cfg = json.load(f)
+    cfg = read_config(args.deepspeed_config)
     cfg.setdefault("bf16", {})
     cfg["bf16"]["enabled"] = bf16_wanted(args.bf16)
     schedule_note = set_warmup(cfg, args.warmup_steps, max_steps, args.peak_lr)
@@ -195,10 +262,8 @@ def prepare_data(args, dist_ready):
     return data
 
 
-def check_checkpoint_kind(save_dir, single_process):
+def check_checkpoint_kind(tag_dir, single_process):
     """A pipeline launch and --single_process write different checkpoint layouts: say so plainly."""
-    with open(os.path.join(save_dir, "latest")) as f:
-        tag_dir = os.path.join(save_dir, f.read().strip())
     if not os.path.isdir(tag_dir):
         return   # DeepSpeed's own loader reports a missing tag
     pipeline = any(name.startswith("layer_") for name in os.listdir(tag_dir))
@@ -335,15 +400,24 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.seq_len is None:
         args.seq_len = PRESETS[args.model].seq_len
+    # what can fail, fails now, before data preparation and training
+    raw_cfg = read_config(args.deepspeed_config)
+    micro, gas = batch_shape(raw_cfg, args.deepspeed_config, dp_size)
+    if args.save_dir:
+        check_writable(args.save_dir, "--save_dir")
 
     data = prepare_data(args, world > 1)
     if rank == 0:
         print(data.summary(), flush=True)
-
-    with open(args.deepspeed_config) as f:
-        raw_cfg = json.load(f)
-    micro = raw_cfg["train_micro_batch_size_per_gpu"]
-    gas = raw_cfg.get("gradient_accumulation_steps", 1)
+    if args.eval_interval and batches_per_epoch(len(data.heldout), micro, dp_size) == 0:
+        raise SystemExit(f"the held-out set ({len(data.heldout)} sequences of {data.heldout.seq_len} tokens) is too "
+                         f"small for one micro-batch of {micro} x {dp_size} replicas: evaluation would fail; "
+                         "use more held-out data, a smaller micro-batch, or --eval_interval 0")
+    if args.eval_batches and args.eval_interval and rank == 0:
+        have = batches_per_epoch(len(data.heldout), micro, dp_size)
+        if args.eval_batches > have:
+            print(f"note: --eval_batches {args.eval_batches} > the {have} micro-batches the held-out set holds "
+                  "per replica; evaluating on all of them", flush=True)
     steps_per_epoch = batches_per_epoch(len(data.train), micro, dp_size) // gas
     max_steps = args.max_steps or steps_per_epoch
     cfg, schedule_note = load_config(args, max_steps)
@@ -368,10 +442,29 @@ def main(argv=None):
         dp_rank = engine.grid.data_parallel_id
     S = engine.num_stages
 
+    from ds_interlock import checkpoints
+    run = {"seed": args.seed, "data": str(data.data_dir), "train_sequences": len(data.train),
+           "vocab_size": data.vocab_size, "seq_len": seq_len, "model": args.model, "arch": parts.arch,
+           "num_layers": parts.num_decoder_layers, "micro_batch": micro}
     consumed, elapsed_before = 0, 0.0
-    if args.save_dir and os.path.isfile(os.path.join(args.save_dir, "latest")):
-        check_checkpoint_kind(args.save_dir, args.single_process)
-        path, client = engine.load_checkpoint(args.save_dir)
+    if args.save_dir and checkpoints.has_checkpoint(args.save_dir):
+        try:
+            tag, note = checkpoints.resolve(args.save_dir)
+        except checkpoints.CheckpointError as exc:
+            raise SystemExit(str(exc)) from None
+        check_checkpoint_kind(os.path.join(args.save_dir, tag), args.single_process)
+        saved = (checkpoints.read_marker(os.path.join(args.save_dir, tag)) or {}).get("facts") or {}
+        changes = run_changes(saved, {**engine.run_facts(), **run})
+        if changes and not args.allow_run_change:
+            raise SystemExit(f"{os.path.join(args.save_dir, tag)} was written by a different run:\n  "
+                             + "\n  ".join(changes) + "\nresume with the same settings, use another --save_dir, or "
+                             "pass --allow_run_change to continue anyway")
+        if changes and rank == 0:
+            print("warning: resuming a different run (--allow_run_change):\n  " + "\n  ".join(changes), flush=True)
+        try:
+            path, client = engine.load_checkpoint(args.save_dir, tag=tag)
+        except checkpoints.CheckpointError as exc:
+            raise SystemExit(str(exc)) from None
         if path is None:
             raise SystemExit(f"could not load the latest checkpoint in {args.save_dir}")
         client = client or {}
@@ -400,7 +493,9 @@ def main(argv=None):
 
     def save(step):
         engine.save_checkpoint(args.save_dir, client_state={
-            "micro_batches_consumed": consumed, "elapsed_s": elapsed_before + time.time() - t0})
+            "micro_batches_consumed": consumed, "elapsed_s": elapsed_before + time.time() - t0, "run": run})
+        if rank == 0:
+            checkpoints.prune(args.save_dir, args.keep_checkpoints)
 
     def run_eval(step):
         result = evaluate(engine, data, args, dp_rank, dp_size, show_bar)
@@ -411,6 +506,8 @@ def main(argv=None):
                    f"stage losses [{stages}] ({result['eval_s']:.1f} s)")
             (bar.write(msg) if show_bar else print(msg, flush=True))
 
+    from ds_interlock.preemption import EXIT_CODE, Preemption
+    preemption = Preemption(distributed=not args.single_process and world > 1)
     t0 = time.time()
     last_log_time, last_log_step = t0, start_step
     step = start_step
@@ -442,9 +539,16 @@ def main(argv=None):
             if args.eval_interval and (step % args.eval_interval == 0 or step == max_steps):
                 run_eval(step)
                 last_log_time = time.time()   # tokens/s counts training time only
-            if args.save_dir and (step % args.save_interval == 0 or step == max_steps):
+            stop = preemption.stop_reason()     # every rank, every step: they stop after the same step
+            if args.save_dir and (step % args.save_interval == 0 or step == max_steps or stop):
                 save(step)
                 last_log_time = time.time()
+            if stop:
+                if rank == 0:
+                    where = f"; checkpoint saved in {args.save_dir}" if args.save_dir else " (no --save_dir: nothing saved)"
+                    print(f"preempted at step {step} ({stop}){where}; exiting with {EXIT_CODE}", flush=True)
+                sys.stdout.flush()
+                sys.exit(EXIT_CODE)
     if rank == 0:
         print(f"done: {step} steps, {time.time() - t0:.1f} s in this launch", flush=True)
 
