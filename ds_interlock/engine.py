@@ -55,7 +55,7 @@ class InterlockingPipelineEngine(PipelineEngine):
             prev_rank=self.grid.stage_to_global(self.stage_id - 1) if self.stage_id > 0 else None,
             next_rank=self.grid.stage_to_global(self.stage_id + 1) if self.stage_id < self.num_stages - 1 else None,
             rank=self.global_rank, layout=self.layout, device=self.device,
-            static_shapes=not self.module.dynamic_shape)
+            static_shapes=not self.module.dynamic_shape, stage_id=self.stage_id)
         # gloo reports a send complete only once waited for; under NCCL nothing waits on sends
         self._host_waits = torch.distributed.get_backend() == "gloo"
         head = self.module.aux_head
@@ -261,7 +261,12 @@ class InterlockingPipelineEngine(PipelineEngine):
         return ctx
 
     def _load_micro_batch(self, mb: int) -> Any:
-        batch = self._next_batch()   # the last stage reads too, like DeepSpeed's does
+        try:
+            batch = self._next_batch()   # the last stage reads too, like DeepSpeed's does
+        except StopIteration:
+            raise RuntimeError(f"stage {self.stage_id}: the data iterator is exhausted at micro-batch {mb} of this "
+                               "batch; each train_batch/eval_batch reads gradient_accumulation_steps micro-batches "
+                               "(or num_micro_batches) from it") from None
         if self.stage_id != 0 or not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             return batch             # the executor names what is wrong with it
         # the one host-to-device copy per micro-batch, and the host does not wait for it

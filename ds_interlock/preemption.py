@@ -48,13 +48,16 @@ def _parent_of(pid: int) -> Optional[int]:
 class Preemption:
     """Call :meth:`stop_reason` once per step, on every rank; it returns why to stop, or None."""
 
-    def __init__(self, distributed: bool, watch_launcher: bool = True, poll_s: float = 1.0) -> None:
+    def __init__(self, distributed: bool, watch_launcher: bool = True, poll_s: float = 1.0,
+                 timeout_s: Optional[float] = None) -> None:
         self.reason: Optional[str] = None
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         self._group = None
         if distributed:
             import torch.distributed as tdist
-            self._group = tdist.new_group(backend="gloo")   # every rank calls this, in the same order
+            from datetime import timedelta
+            timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+            self._group = tdist.new_group(backend="gloo", timeout=timeout)   # every rank, in the same order
         if watch_launcher:
             parent = os.getppid()
             watched = [p for p in (parent, _parent_of(parent)) if p and p > 1]

@@ -134,13 +134,15 @@ class P2PTransport:
     """
 
     def __init__(self, prev_rank: Optional[int], next_rank: Optional[int], rank: int, layout: Any,
-                 device: Any, static_shapes: bool = True, comm: Optional[Comm] = None) -> None:
+                 device: Any, static_shapes: bool = True, comm: Optional[Comm] = None,
+                 stage_id: Optional[int] = None) -> None:
         self.prev, self.next, self.rank = prev_rank, next_rank, rank
+        self.stage_id = stage_id
         self.layout = layout
         self.device = device
         self.static = static_shapes
         self.comm = comm or Comm()
-        self.pending: list[tuple[Any, torch.Tensor]] = []   # (work, buffer): buffers live until sent
+        self.pending: list[tuple[Any, torch.Tensor, int]] = []   # (work, buffer, peer): buffers live until sent
         self._sent_meta: Optional[list[int]] = None
         self._recv_meta: Optional[list[int]] = None
 
@@ -201,18 +203,30 @@ class P2PTransport:
     def _isend(self, tensor: torch.Tensor, dst: int) -> None:
         tensor = tensor.contiguous()
         work = self.comm.isend(tensor, dst, self.layout.group(self.rank, dst))
-        self.pending.append((work, tensor))
+        self.pending.append((work, tensor, dst))
         if len(self.pending) > 256:
             self.release_completed()
 
     def _recv(self, tensor: torch.Tensor, src: int) -> None:
         work = self.comm.irecv(tensor, src, self.layout.group(src, self.rank))
         if work is not None:
-            work.wait()    # gloo: the host waits; NCCL: only the current stream does
+            self._wait(work, src, "receive from")   # gloo: the host waits; NCCL: only the current stream does
+
+    def _wait(self, work: Any, peer: int, what: str) -> None:
+        try:
+            work.wait()
+        except RuntimeError as exc:     # the peer died, hung past the timeout, or the job is stopping
+            raise PeerLostError(self._name(self.rank), self._name(peer), what, exc) from exc
+
+    def _name(self, rank: Optional[int]) -> str:
+        if self.stage_id is None:
+            return f"rank {rank}"
+        stage = self.stage_id if rank == self.rank else self.stage_id - 1 if rank == self.prev else self.stage_id + 1
+        return f"rank {rank} (stage {stage})"
 
     def release_completed(self) -> None:
         """Drop the buffers of sends that completed; never waits (a wait could stall a stream)."""
-        self.pending = [(w, t) for w, t in self.pending if w is not None and not w.is_completed()]
+        self.pending = [(w, t, d) for w, t, d in self.pending if w is not None and not w.is_completed()]
 
     def end_batch(self, host_waits: bool) -> None:
         """After a batch. ``host_waits`` (gloo, where a send reports completion only once
@@ -226,14 +240,22 @@ class P2PTransport:
 
     def wait_all(self) -> None:
         """Wait for every send (before the process group goes away, or before timing)."""
-        for work, _ in self.pending:
+        pending, self.pending = self.pending, []
+        for work, _, dst in pending:
             if work is not None:
-                work.wait()
-        self.pending = []
+                self._wait(work, dst, "send to")
 
     def abort(self) -> None:
         """After a failure on this rank: forget pending sends, never wait on peers."""
         self.pending = []
+
+
+class PeerLostError(RuntimeError):
+    """A neighbouring stage stopped answering; the message names both ranks and stages."""
+
+    def __init__(self, me: str, peer: str, what: str, cause: BaseException) -> None:
+        super().__init__(f"{me}: the {what} {peer} failed; {peer} stopped answering (it died, hung past the "
+                         f"timeout, or the job is being stopped). Cause: {cause}")
 
 
 def _describe(parts: list) -> tuple[list[int], list[torch.Tensor]]:

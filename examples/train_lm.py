@@ -101,6 +101,10 @@ def build_parser():
     t.add_argument("--save_dir", default=None,
                    help="checkpoint directory; a run resumes from its latest checkpoint")
     t.add_argument("--save_interval", type=int, default=1000, help="save every N steps (and at the end)")
+    t.add_argument("--timeout_s", type=float, default=300,
+                   help="seconds any rank waits for another (collectives, and pipeline receives unless the config "
+                        "sets interlocking.p2p_timeout_s) before the job fails naming who stopped answering; "
+                        "raise it for steps or checkpoint saves that take longer")
     t.add_argument("--keep_checkpoints", type=int, default=3,
                    help="keep the N newest complete checkpoints; older ones are removed once a newer one is complete")
     t.add_argument("--allow_run_change", action="store_true",
@@ -133,6 +137,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1")
+    if not args.timeout_s > 0:
+        parser.error("--timeout_s must be > 0")
     if args.peak_lr is not None and not args.peak_lr > 0:
         parser.error("--peak_lr must be > 0")
     if args.eval_interval < 0:
@@ -238,6 +244,7 @@ def run_changes(saved, now):
 
 def load_config(args, max_steps):
     cfg = read_config(args.deepspeed_config)
+    cfg.setdefault("interlocking", {}).setdefault("p2p_timeout_s", args.timeout_s)
     cfg.setdefault("bf16", {})
     cfg["bf16"]["enabled"] = bf16_wanted(args.bf16)
     schedule_note = set_warmup(cfg, args.warmup_steps, max_steps, args.peak_lr)
@@ -254,9 +261,12 @@ def prepare_data(args, dist_ready):
 
     if not dist_ready:
         return build(True)
+    # the first build can take far longer than --timeout_s: wait for it on a group of its own
+    from datetime import timedelta
+    patient = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=1))
     if args.local_rank == 0:
         data = build(torch.distributed.get_rank() == 0)
-    torch.distributed.barrier()
+    torch.distributed.barrier(group=patient)
     if args.local_rank != 0:
         data = build(False)
     return data
@@ -391,7 +401,8 @@ def main(argv=None):
             raise SystemExit("--single_process runs every stage in this one process; launch it with plain "
                              "`python`, not with a launcher that starts several processes")
     else:
-        deepspeed.init_distributed()
+        from datetime import timedelta
+        deepspeed.init_distributed(timeout=timedelta(seconds=args.timeout_s))
         rank = torch.distributed.get_rank()
         world = torch.distributed.get_world_size()
     if not args.single_process and world % args.num_stages:
@@ -507,7 +518,7 @@ def main(argv=None):
             (bar.write(msg) if show_bar else print(msg, flush=True))
 
     from ds_interlock.preemption import EXIT_CODE, Preemption
-    preemption = Preemption(distributed=not args.single_process and world > 1)
+    preemption = Preemption(distributed=not args.single_process and world > 1, timeout_s=args.timeout_s)
     t0 = time.time()
     last_log_time, last_log_step = t0, start_step
     step = start_step

@@ -36,10 +36,10 @@ def ranks_of(marker):
     return [p for p in out if int(p) != os.getpid()]
 
 
-def start_job(tmp_path, corpus, save_dir):
+def start_job(tmp_path, corpus, save_dir, extra=()):
     port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-           SCRIPT, *args_for(tmp_path, corpus, save_dir)]
+           SCRIPT, *args_for(tmp_path, corpus, save_dir, extra=extra)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -89,6 +89,42 @@ def test_preemption_saves_and_ends_every_rank(tmp_path, corpus, how):
     assert tag == f"global_step{step}" and note is None
     assert step >= 3 and took < 60
     assert not ranks_of(str(save_dir))
+
+
+def test_a_hung_rank_ends_the_job_naming_it(tmp_path, corpus):
+    """A rank stopped with SIGSTOP: its neighbour gives up after --timeout_s, names the rank and stage
+    that stopped answering, and the job ends instead of stalling for DeepSpeed's 10 minutes."""
+    save_dir = tmp_path / "save"
+    proc, lines, reached, reader, port = start_job(tmp_path, corpus, save_dir, extra=["--timeout_s", "5"])
+    stopped = None
+    try:
+        assert reached.wait(240), "".join(lines)[-3000:]
+        ranks = [p for p in ranks_of(str(save_dir)) if "RANK=1" in open(f"/proc/{p}/environ").read().split("\0")]
+        assert len(ranks) == 1, ranks
+        stopped = int(ranks[0])
+        os.kill(stopped, signal.SIGSTOP)
+        start = time.time()
+        while time.time() - start < 60 and not any("stopped answering" in line for line in lines):
+            time.sleep(0.5)
+        took = time.time() - start
+        # the rest is DeepSpeed's launcher: it ends the other ranks, giving a stopped one 30 s to answer
+        # SIGTERM before SIGKILL; spare the test that wait
+        os.kill(stopped, signal.SIGKILL)
+        reader.join(60)
+        assert not reader.is_alive(), "the job stalled:\n" + "".join(lines)[-3000:]
+    finally:
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in ranks_of(str(save_dir)):
+            os.kill(int(pid), signal.SIGKILL)
+        remove_shm(port)
+    log = "".join(lines)
+    assert "rank 1 (stage 1) stopped answering" in log, log[-3000:]
+    assert took < 60, took
+    assert proc.wait(30) != 0
 
 
 def run_main(argv):
