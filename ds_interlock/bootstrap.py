@@ -86,6 +86,13 @@ def _prepare_heads(model, sample, il):
                 "or sample_batch=(inputs, labels) to InterlockingPipelineModule")
         routing = Routing(model.num_stages, il.resolve_k(model.num_stages), il.combine)
         model.check_heads(routing)
+        if not any(p.requires_grad for p in model.parameters()):
+            layers = f"layers {model._local_start}-{model._local_stop - 1}" if model._local_stop > model._local_start \
+                else "no layers"
+            raise InterlockingConfigError(
+                f"stage {model.stage_id} has no trainable parameters ({layers} of {len(model._layer_specs)}, "
+                f"{model.num_stages} stages): the optimizer needs some on every stage; use fewer stages or "
+                "another partition_method")
         return new, None
     except InterlockingConfigError as exc:
         return [], str(exc)
@@ -196,7 +203,15 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         config = args.deepspeed_config
     if config is None:
         raise InterlockingConfigError("DeepSpeed requires --deepspeed_config or config= to specify a configuration")
-    config = copy.deepcopy(config) if isinstance(config, dict) else load_ds_config(config)
+    if isinstance(config, dict):
+        config = copy.deepcopy(config)
+    else:
+        import json
+        try:
+            config = load_ds_config(config)
+        except json.JSONDecodeError as exc:
+            raise InterlockingConfigError(f"{config}: not valid JSON: {exc.msg} at line {exc.lineno}, "
+                                          f"column {exc.colno}") from None
 
     il, error = _check(model, config)
     _agree_on_errors(error)

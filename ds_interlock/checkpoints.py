@@ -168,6 +168,16 @@ def resolve(save_dir: str, tag: Optional[str] = None) -> tuple[Optional[str], Op
     return done[0], f"{reason}; resuming from the newest complete checkpoint, {os.path.join(save_dir, done[0])}"
 
 
+def check_layout(where: str, saved: Optional[dict], now: dict, zero: bool = False) -> None:
+    """A checkpoint of another pipeline layout cannot load (each stage holds other layers and
+    optimizer groups): say so instead of DeepSpeed's parameter-group error."""
+    keys = ["num_stages"] + (["data_parallel"] if zero else [])
+    diff = [f"{key} {saved[key]} (now {now[key]})" for key in keys if saved and key in saved and saved[key] != now[key]]
+    if diff:
+        raise CheckpointError(f"{where} was written with {', '.join(diff)}: a pipeline checkpoint loads only into "
+                              "the same number of stages" + (" and, with ZeRO, data-parallel replicas" if zero else ""))
+
+
 def prune(save_dir: str, keep: int) -> list[str]:
     """Remove all but the ``keep`` newest complete checkpoints, and incomplete ones older than the
     newest complete one (left by a kill). Never touches the newest complete checkpoint."""

@@ -112,8 +112,8 @@ def from_ds_config(ds_config: dict | None) -> InterlockingConfig:
     if combine not in COMBINE_MODES:
         _fail("combine", f"expected one of {list(COMBINE_MODES)}, got {combine!r}")
     w = block.get("aux_loss_weight", 1.0)
-    if isinstance(w, bool) or not isinstance(w, numbers.Real) or w != w:
-        _fail("aux_loss_weight", f"expected a number >= 0, got {w!r}")
+    if isinstance(w, bool) or not isinstance(w, numbers.Real) or w != w or w in (float("inf"), float("-inf")):
+        _fail("aux_loss_weight", f"expected a finite number >= 0, got {w!r}")
     if w < 0:
         _fail("aux_loss_weight", f"must be >= 0, got {w}")
     schedule = block.get("schedule", "interlocked")

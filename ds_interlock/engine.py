@@ -176,6 +176,8 @@ class InterlockingPipelineEngine(PipelineEngine):
         if note and self.global_rank == 0:
             print(f"ds_interlock: {note}", flush=True)
         self.loaded_checkpoint_facts = (checkpoints.read_marker(os.path.join(load_dir, tag)) or {}).get("facts")
+        checkpoints.check_layout(os.path.join(load_dir, tag), self.loaded_checkpoint_facts, self.run_facts(),
+                                 zero=bool(self.zero_optimization()))
         stock = stockckpt.is_stock(load_dir, tag, self.module)
         if not stock:
             return super().load_checkpoint(load_dir, tag=tag, load_module_strict=load_module_strict,

@@ -427,6 +427,7 @@ class InProcessPipeline:
         if note:
             print(f"ds_interlock: {note}", flush=True)
         self.loaded_checkpoint_facts = (checkpoints.read_marker(os.path.join(load_dir, tag)) or {}).get("facts")
+        checkpoints.check_layout(os.path.join(load_dir, tag), self.loaded_checkpoint_facts, self.run_facts())
         path, client = self.engine.load_checkpoint(load_dir, tag=tag)
         if client and "rng" in client:
             for r, state in zip(self._rng, client["rng"]):

@@ -240,7 +240,13 @@ class StageExecutor:
                 with self.hooks.param_grad_section():
                     torch.autograd.backward([loss * (w / ctx.micro_batches)], inputs=wants)
         if own:
-            st.comps[s] = grads_or_zeros([zl.grad for zl in z_leaves], z_leaves)
+            grads = [zl.grad for zl in z_leaves]
+            if z_leaves and all(g is None for g in grads) and loss.requires_grad:
+                raise HeadMismatchError(
+                    f"stage {s}: the aux head's loss does not depend on the stage's output (does the head detach "
+                    f"its input, or use torch.no_grad?): with k={self.routing.k} this stage's own loss would send it "
+                    "no gradient at all")
+            st.comps[s] = grads_or_zeros(grads, z_leaves)
 
     def _head_loss(self, x: Any, labels: Any, ctx: RunContext) -> Tensor:
         with self.hooks.autocast():

@@ -140,3 +140,12 @@ def test_tags_are_plain_names():
     assert C.valid_tag("global_step10") and C.valid_tag("ckpt")
     for bad in ("", ".", "..", "../x", "/abs", "a/b", ".hidden", None, 3):
         assert not C.valid_tag(bad), bad
+
+
+def test_another_pipeline_layout_is_named():
+    with pytest.raises(C.CheckpointError, match=r"was written with num_stages 4 \(now 2\)"):
+        C.check_layout("ckpt/a", {"num_stages": 4, "data_parallel": 1}, {"num_stages": 2, "data_parallel": 2})
+    C.check_layout("ckpt/a", {"num_stages": 2, "data_parallel": 1}, {"num_stages": 2, "data_parallel": 2})
+    with pytest.raises(C.CheckpointError, match="data_parallel 1 \\(now 2\\).*with ZeRO"):
+        C.check_layout("ckpt/a", {"num_stages": 2, "data_parallel": 1}, {"num_stages": 2, "data_parallel": 2}, zero=True)
+    C.check_layout("ckpt/a", None, {"num_stages": 2})     # no marker: nothing to compare

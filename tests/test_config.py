@@ -24,6 +24,7 @@ def test_defaults():
     ({"k": 2, "aux_loss_weight": -0.1}, "interlocking.aux_loss_weight"),
     ({"k": 2, "aux_loss_weight": "1"}, "interlocking.aux_loss_weight"),
     ({"k": 2, "aux_loss_weight": float("nan")}, "interlocking.aux_loss_weight"),
+    ({"k": 2, "aux_loss_weight": float("inf")}, "interlocking.aux_loss_weight"),
     ({"k": 2, "schedule": "gpipe"}, "interlocking.schedule"),
     ({"k": 2, "combin": "sum"}, "combin"),
 ])

@@ -343,7 +343,9 @@ def test_checkpoint_resume_and_bad_configs(two_procs, tmp_path):
            dict(name="deepspeed_initialize", S=2, k=2, init="deepspeed"),
            # last: it swaps the worker's layout for the old shared one, whose plan deadlocks under NCCL
            dict(name="old_layout", S=2, k=2, combine="furthest", M=2, layout="shared")]
-    bad += [dict(name="wrong_head", S=2, k=2, M=2, feeding="training_data", head_kind="wrong")]
+    bad += [dict(name="wrong_head", S=2, k=2, M=2, feeding="training_data", head_kind="wrong"),
+            dict(name="param_free_stage", S=2, k=2, model="param_free_stage"),
+            dict(name="bad_json_file", S=2, k=2, config_file_text='{"train_micro_batch_size_per_gpu": 2,\n "x": }')]
     resume = dict(name="ckpt_resume", S=2, M=2, k=1, combine="sum", optimizer="adam", steps=3, step_offset=3,
                   load_dir=str(out / "save_dir"))
     stock_dir = str(out / "stock_dir")
@@ -382,6 +384,13 @@ def test_checkpoint_resume_and_bad_configs(two_procs, tmp_path):
     for rec in got["wrong_head"]:
         err = rec.get("init_error") or ""
         assert "stage 0" in err and "Tensor[2, 5, 8] float32" in err and "expects 9 input features" in err, err
+
+    for rec in got["param_free_stage"]:
+        err = rec.get("init_error") or ""
+        assert "stage 1 has no trainable parameters (layers 2-3 of 4, 2 stages)" in err, err
+    for rec in got["bad_json_file"]:
+        err = rec.get("init_error") or ""
+        assert "config.json: not valid JSON" in err and "line 2" in err, err
 
     expect = {"bad_k": '"interlocking.k"', "bad_k_name": '"interlocking.k"', "bad_combine": '"interlocking.combine"',
               "bad_weight": '"interlocking.aux_loss_weight"', "no_heads": '"aux_head"', "bad_head": '"aux_head"',

@@ -150,3 +150,18 @@ def test_global_with_probe_heads_trains_exactly_like_no_heads():
         assert losses == plain_losses
         assert all(torch.equal(trunk[n], plain[n]) for n in plain)
         assert all(loss == loss for loss in p.stage_losses)     # the probes did train and report
+
+
+class Detaching(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.LazyLinear(5)
+
+    def forward(self, x):
+        return self.fc(x.detach().flatten(1))
+
+
+def test_a_head_that_detaches_its_input_is_reported_at_the_first_step():
+    p = pipe(cnn_layers(), 3, lambda s: Detaching(), k=1)
+    with pytest.raises(HeadMismatchError, match="stage 0: the aux head's loss does not depend on the stage's output"):
+        p.train_batch(iter([images(1), images(2)]))

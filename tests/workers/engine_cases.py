@@ -82,6 +82,8 @@ def build(case, world):
     torch.manual_seed(case.get("seed", 0))
     if case.get("model") == "dropout":
         specs = dropout_specs()
+    elif case.get("model") == "param_free_stage":     # stage 1 of 2 would hold no parameters
+        specs = tm.layer_specs(blocks=1)[:2] + [torch.nn.Identity(), torch.nn.Identity()]
     else:
         specs = tm.layer_specs(blocks=case.get("blocks", 4), tied=case.get("tied", False))
     common = dict(num_stages=S, loss_fn=tm.loss_fn, partition_method="uniform",
@@ -133,6 +135,10 @@ def run_case(case, args, world):
     try:
         module = build(case, world)
         cfg = ds_config(case, world // case["S"])
+        if case.get("config_file_text") is not None:     # a config file, as --deepspeed_config gives it
+            cfg = os.path.join(out_dir, "config.json")
+            with open(cfg, "w") as f:
+                f.write(case["config_file_text"])
         kwargs = {}
         if case.get("feeding") == "training_data":
             kwargs["training_data"] = Pairs(64, case.get("seed", 0))
