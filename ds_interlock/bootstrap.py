@@ -206,12 +206,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if isinstance(config, dict):
         config = copy.deepcopy(config)
     else:
-        import json
         try:
             config = load_ds_config(config)
-        except json.JSONDecodeError as exc:
-            raise InterlockingConfigError(f"{config}: not valid JSON: {exc.msg} at line {exc.lineno}, "
-                                          f"column {exc.colno}") from None
+        except ValueError as exc:       # DeepSpeed parses with hjson; its errors give line and column
+            raise InterlockingConfigError(f"{config}: not valid JSON: {exc}") from None
 
     il, error = _check(model, config)
     _agree_on_errors(error)

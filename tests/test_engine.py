@@ -344,7 +344,8 @@ def test_checkpoint_resume_and_bad_configs(two_procs, tmp_path):
            # last: it swaps the worker's layout for the old shared one, whose plan deadlocks under NCCL
            dict(name="old_layout", S=2, k=2, combine="furthest", M=2, layout="shared")]
     bad += [dict(name="wrong_head", S=2, k=2, M=2, feeding="training_data", head_kind="wrong"),
-            dict(name="param_free_stage", S=2, k=2, model="param_free_stage"),
+            dict(name="param_free_stage", S=2, k=2, model="param_free_stage",
+                 optimizer_from_config={"type": "SGD", "params": {"lr": 0.1}}),
             dict(name="bad_json_file", S=2, k=2, config_file_text='{"train_micro_batch_size_per_gpu": 2,\n "x": }')]
     resume = dict(name="ckpt_resume", S=2, M=2, k=1, combine="sum", optimizer="adam", steps=3, step_offset=3,
                   load_dir=str(out / "save_dir"))
