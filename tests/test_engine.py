@@ -443,6 +443,8 @@ def test_killed_rank_ends_the_job(tmp_path):
     assert code is not None, "the job hung instead of ending"
     assert code != 0, log[-3000:]
     assert "killing stage 1 with SIGKILL" in log
+    # the survivor names who died (gloo reports the closed connection at once; the launcher polls every second)
+    assert "rank 0 (stage 0): the receive from rank 1 (stage 1) failed; rank 1 (stage 1) stopped answering" in log
     assert took < 180, took
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", str(path)], capture_output=True, text=True).stdout.split()
