@@ -370,7 +370,9 @@ class LMCheckpoint:
             where = self.raw.where("head", stage)
             if stage not in self.raw.heads:
                 raise ExportError(f"{self.raw.tag_dir}: no aux head for stage {stage}")
-            state = self.raw.heads[stage]
+            state = dict(self.raw.heads[stage])
+            if "proj.0.weight" in state:      # a low-rank head (--aux_head_rank): one d x V matrix for HF
+                state["proj.weight"] = state.pop("proj.1.weight").float() @ state.pop("proj.0.weight").float()
             _load_into(_hf_final_norm(model), state, "norm.", where, f"aux head {stage} norm")
             _load_into(model.get_output_embeddings(), state, "proj.", where, f"aux head {stage} projection")
             _no_leftovers(state, ("norm.", "proj."), where, f"aux head {stage}")

@@ -78,6 +78,9 @@ def build_parser():
     m.add_argument("--num_layers", type=int, default=None, help="decoder layers; None = the preset's")
     m.add_argument("--tie_embeddings", action="store_true",
                    help="tie the output projection to the token embedding (aux heads keep their own)")
+    m.add_argument("--aux_head_rank", type=int, default=None,
+                   help="aux heads with a low-rank vocabulary projection d -> R -> V (about d/R times cheaper than "
+                        "the full d x V one); None = full projection")
     m.add_argument("--num_stages", type=int, default=4,
                    help="pipeline stages; world size must be a multiple (the rest is data parallel)")
     t = p.add_argument_group("training")
@@ -133,7 +136,7 @@ def parse_args(argv=None):
     for name in ("num_stages", "log_interval", "save_interval", "vocab_size", "keep_checkpoints"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    for name in ("max_steps", "seq_len", "eval_batches", "num_layers"):
+    for name in ("max_steps", "seq_len", "eval_batches", "num_layers", "aux_head_rank"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1")
@@ -233,7 +236,8 @@ def check_writable(directory, what):
 
 
 RESUME_FACTS = ("world_size", "num_stages", "data_parallel", "k", "combine", "micro_batches", "seed", "data",
-                "train_sequences", "vocab_size", "seq_len", "model", "arch", "num_layers", "micro_batch")
+                "train_sequences", "vocab_size", "seq_len", "model", "arch", "num_layers", "micro_batch",
+                "aux_head_rank")
 
 
 def run_changes(saved, now):
@@ -434,7 +438,8 @@ def main(argv=None):
     cfg, schedule_note = load_config(args, max_steps)
 
     parts = build_lm(args.model, arch=args.arch, vocab_size=data.vocab_size, seq_len=args.seq_len,
-                     tie_embeddings=args.tie_embeddings, num_layers=args.num_layers, init_seed=args.seed)
+                     tie_embeddings=args.tie_embeddings, num_layers=args.num_layers, init_seed=args.seed,
+                     aux_head_rank=args.aux_head_rank)
     seq_len = data.train.seq_len
     if args.single_process:
         from ds_interlock import InProcessPipeline
@@ -455,6 +460,7 @@ def main(argv=None):
 
     from ds_interlock import checkpoints
     run = {"seed": args.seed, "data": str(data.data_dir), "train_sequences": len(data.train),
+           "aux_head_rank": args.aux_head_rank,
            "vocab_size": data.vocab_size, "seq_len": seq_len, "model": args.model, "arch": parts.arch,
            "num_layers": parts.num_decoder_layers, "micro_batch": micro}
     consumed, elapsed_before = 0, 0.0

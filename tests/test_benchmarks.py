@@ -30,3 +30,15 @@ def test_throughput_benchmark_runs(tmp_path):
     cost = cost_from_json(str(costs))
     from ds_interlock.schedule import Action
     assert cost(0, Action("forward", 0)) == measured["per_stage"]["0"]["forward"]
+
+
+def test_aux_head_cost_benchmark_runs(tmp_path):
+    out = tmp_path / "aux.json"
+    proc = subprocess.run([sys.executable, "benchmarks/aux_head_cost.py", "--d_model", "32", "--heads", "2", "--vocab",
+                           "500", "--seq", "8", "--batch", "1", "--ranks", "4", "--repeats", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["part"] for r in rows] == ["decoder layer", "aux head, full", "aux head, rank 4"]
+    assert rows[2]["params"] == 4 * (32 + 500) + 2 * 32 < rows[1]["params"]   # projection + LayerNorm
+    assert all(r["seconds"] > 0 for r in rows)

@@ -31,6 +31,7 @@ RUNS = {
     "gpt2": (["--num_stages", "2"], 2, [2, 4]),
     "gpt2_tied": (["--num_stages", "2", "--tie_embeddings"], 2, [2, 4]),
     "llama": (["--arch", "llama", "--num_stages", "3"], 3, [2, 3, 4]),
+    "gpt2_lowrank": (["--num_stages", "2", "--aux_head_rank", "8"], 2, [2, 4]),   # cheap aux heads, folded on export
 }
 
 
@@ -111,8 +112,9 @@ def pipeline_reference(name: str, save_dir: Path, ids: torch.Tensor, labels: tor
     from ds_interlock.models import build_lm
 
     train_flags, S, _ = RUNS[name]
+    rank = int(train_flags[train_flags.index("--aux_head_rank") + 1]) if "--aux_head_rank" in train_flags else None
     parts = build_lm("tiny", arch="llama" if "llama" in train_flags else "gpt2", vocab_size=VOCAB, seq_len=SEQ_LEN,
-                     tie_embeddings="--tie_embeddings" in train_flags)
+                     tie_embeddings="--tie_embeddings" in train_flags, aux_head_rank=rank)
     pipe = InProcessPipeline(layers=parts.layers, num_stages=S, loss_fn=parts.loss_fn, aux_head=parts.aux_head,
                              partition_method=parts.partition_method, config=CONFIG, devices="cpu")
     path, _ = pipe.load_checkpoint(str(save_dir))

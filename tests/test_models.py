@@ -309,3 +309,29 @@ def test_load_local_pretrained_dir(tmp_path, arch, tie):
         assert torch.allclose(head(model(ids, stop=-2)), model(ids), atol=1e-6)
     with pytest.raises(ValueError, match="vocab_size"):
         build_lm(pretrained=str(tmp_path), vocab_size=7)
+
+
+def test_low_rank_aux_head_is_cheaper_and_starts_like_the_full_one(tmp_path):
+    parts = build_lm("tiny", num_layers=2, aux_head_rank=8)
+    full, cheap = build_lm("tiny", num_layers=2).aux_head(0), parts.aux_head(0)
+    d, V = parts.config.hidden_size, parts.config.vocab_size
+    assert sum(p.numel() for p in cheap.proj.parameters()) == 8 * (d + V) < d * V
+    hidden = torch.randn(2, 5, d)
+    with torch.no_grad():
+        a, b = full(hidden), cheap(hidden)
+    assert a.shape == b.shape == (2, 5, V)
+    assert 0.3 < (b.std() / a.std()).item() < 3        # logits start at a comparable scale
+    with pytest.raises(ValueError, match="aux head rank"):
+        build_lm("tiny", aux_head_rank=0).aux_head(0)
+    # from a pretrained head: the best rank-r approximation (truncated SVD)
+    ref = hf_reference(build_lm("tiny", num_layers=2), "sdpa")
+    ref.save_pretrained(tmp_path)
+    try:
+        head = build_lm(pretrained=str(tmp_path), aux_head_rank=8).aux_head(0)
+    finally:
+        clear_pretrained_cache()
+    weight = ref.get_output_embeddings().weight.detach()
+    approx = head.proj[1].weight @ head.proj[0].weight
+    u, sv, vh = torch.linalg.svd(weight, full_matrices=False)
+    best = (u[:, :8] * sv[:8]) @ vh[:8]
+    assert torch.allclose(approx, best, atol=1e-5)

@@ -259,19 +259,43 @@ class VocabProjection(PipeLayer):
 class AuxLMHead(PipeLayer):
     """Auxiliary head at a stage boundary: its own final norm + vocabulary
     projection, initialised like the real head (from the pretrained head when
-    loading a checkpoint, a "logit lens" start)."""
+    loading a checkpoint, a "logit lens" start).
 
-    def __init__(self, config, stage_id, init_seed=0, pretrained=None):
+    ``rank``: a low-rank projection d -> rank -> V (``proj`` is then a Sequential of two
+    linear maps), about d / rank times cheaper than d x V when rank << d; from a pretrained
+    head it starts at the best rank-``rank`` approximation (truncated SVD)."""
+
+    def __init__(self, config, stage_id, init_seed=0, pretrained=None, rank=None):
         super().__init__()
         self.stage_id = stage_id
         self.seed_name = f"aux_head.{stage_id}"
+        self.rank = rank
         self.norm = _final_norm(config)
-        self.proj = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        d, V = config.hidden_size, config.vocab_size
+        if rank is None:
+            self.proj = nn.Linear(d, V, bias=False)
+        else:
+            if not (isinstance(rank, int) and 1 <= rank < d):
+                raise ValueError(f"aux head rank must be an integer in 1..{d - 1} (the hidden size), got {rank!r}")
+            self.proj = nn.Sequential(nn.Linear(d, rank, bias=False), nn.Linear(rank, V, bias=False))
         self._finish_init(config, init_seed, pretrained)
+
+    def init_weights(self, config, generator):
+        super().init_weights(config, generator)
+        if self.rank is not None:   # keep the bottleneck at unit scale, so the logits start like the full head's
+            with torch.no_grad():
+                self.proj[0].weight.normal_(0.0, config.hidden_size ** -0.5, generator=generator)
 
     def _load_hf(self, hf_model):
         self.norm.load_state_dict(_hf_final_norm(hf_model).state_dict())
-        self.proj.weight.copy_(hf_model.get_output_embeddings().weight)
+        weight = hf_model.get_output_embeddings().weight
+        if self.rank is None:
+            self.proj.weight.copy_(weight)
+            return
+        u, sv, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        root = sv[:self.rank].sqrt()
+        self.proj[0].weight.copy_(root[:, None] * vh[:self.rank])
+        self.proj[1].weight.copy_(u[:, :self.rank] * root[None, :])
 
     def forward(self, hidden):
         return self.proj(self.norm(hidden))

@@ -53,16 +53,17 @@ class AuxHeadFactory:
     only between pipeline layers, not modules the engine adds to a stage.
     """
 
-    def __init__(self, config, init_seed=0, pretrained=None):
+    def __init__(self, config, init_seed=0, pretrained=None, rank=None):
         self.config = config
         self.init_seed = init_seed
         self.pretrained = pretrained
+        self.rank = rank            # None: a full d x V projection; r: low-rank d -> r -> V
 
     def __call__(self, stage_id):
         if not isinstance(stage_id, int) or stage_id < 0:
             raise ValueError(f"stage_id must be a non-negative int, got {stage_id!r}")
         return AuxLMHead(self.config, stage_id, init_seed=self.init_seed,
-                         pretrained=self.pretrained)
+                         pretrained=self.pretrained, rank=self.rank)
 
 
 @dataclass
@@ -115,7 +116,7 @@ def _resolve_config(preset_or_config, arch, vocab_size, seq_len, num_layers, dro
 
 def build_lm(preset_or_config=None, arch=None, vocab_size=None, seq_len=None,
              tie_embeddings=None, num_layers=None, *, attn_implementation="sdpa",
-             dropout=0.0, init_seed=0, pretrained=None):
+             dropout=0.0, init_seed=0, pretrained=None, aux_head_rank=None):
     """Build the pipeline layers, loss and aux-head factory of a decoder-only LM.
 
     preset_or_config: 'tiny' (CPU tests), 'small' (CPU experiments), 'paper'
@@ -133,6 +134,8 @@ def build_lm(preset_or_config=None, arch=None, vocab_size=None, seq_len=None,
     init_seed: per-layer seeded init, identical for any partition; None = global RNG.
     pretrained: local directory from `save_pretrained` (GPT-2 or Llama causal LM);
         weights are copied into the layers and the aux heads start from its head.
+    aux_head_rank: None for aux heads with a full d x V projection, or r for a cheaper
+        low-rank d -> r -> V one (AuxLMHead).
     """
     config = _resolve_config(preset_or_config, arch, vocab_size, seq_len, num_layers,
                              dropout, attn_implementation, pretrained)
@@ -162,7 +165,7 @@ def build_lm(preset_or_config=None, arch=None, vocab_size=None, seq_len=None,
         layers.append(LayerSpec(VocabProjection, config, **common))
 
     return LMParts(layers=layers, loss_fn=lm_loss,
-                   aux_head=AuxHeadFactory(config, init_seed, pretrained),
+                   aux_head=AuxHeadFactory(config, init_seed, pretrained, rank=aux_head_rank),
                    config=config, num_decoder_layers=n_layers,
                    partition_method=f"type:{decoder_cls.__name__}", arch=arch,
                    tie_embeddings=tie_embeddings)
