@@ -35,38 +35,65 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 RULES = {"local": 1, "pairwise": 2, "3wise": 3, "global": "global"}
-# Debian packages with running public-domain English text, and the files inside them that hold it
-DEBIAN_TEXT = {
-    "bible-kjv-text": ["usr/share/bible-kjv/*"],          # the King James Bible (~800k words)
-    "jargon-text": ["usr/share/doc/jargon-text/*"],       # the Jargon File (prose glossary)
-}
+# Debian packages of public-domain English running text (none is installed: each .deb is unpacked)
+DEBIAN_PACKAGES = ("bible-kjv", "bible-kjv-text", "jargon-text", "fortunes")
 
 
 # ---------------------------------------------------------------- corpus
+def _kjv(tree: str, out: str) -> str:
+    """The King James Bible, every verse (31,102) through the package's own reader, references removed."""
+    text = subprocess.run([os.path.join(tree, "usr/bin/bible"), "-f", "-p", os.path.join(tree, "usr/lib"),
+                           "-d", "bible.data", "-l", "100000", "Gen1:1-Rev22:21"],
+                          check=True, capture_output=True, text=True).stdout
+    verses = [line.split(" ", 1)[1] for line in text.splitlines() if ":" in line.split(" ", 1)[0] and " " in line]
+    with open(out, "w") as f:
+        f.write("\n\n".join(verses) + "\n")
+    return out
+
+
+def _jargon(tree: str, out: str) -> str:
+    """The Jargon File, plain-text edition."""
+    import gzip
+    with gzip.open(os.path.join(tree, "usr/share/doc/jargon-text/jargon.txt.gz"), "rt", errors="replace") as f, \
+            open(out, "w") as g:
+        g.write(f.read())
+    return out
+
+
+def _fortunes(tree: str, out: str) -> str:
+    """fortune's English collections (quotations, definitions, poems), one paragraph per fortune."""
+    root = os.path.join(tree, "usr/share/games/fortunes")
+    with open(out, "w") as g:
+        for path in sorted(glob.glob(os.path.join(root, "*"))):
+            if os.path.isfile(path) and not path.endswith((".dat", ".u8")) and not os.path.islink(path):
+                with open(path, errors="replace") as f:
+                    g.write("\n".join("" if line.strip() == "%" else line.rstrip("\n") for line in f) + "\n\n")
+    return out
+
+
 def fetch_debian_corpus(out_dir: str) -> str:
-    """Download, unpack and convert the packages in DEBIAN_TEXT; returns the converted data dir."""
+    """Download and unpack DEBIAN_PACKAGES, extract their text, convert it; returns the data dir."""
     from ds_interlock.data.from_text import convert
-    raw = os.path.join(out_dir, "debs")
-    os.makedirs(raw, exist_ok=True)
-    sources, files = [], []
-    for package, patterns in DEBIAN_TEXT.items():
-        if not glob.glob(os.path.join(raw, f"{package}_*.deb")):
-            subprocess.run(["apt-get", "download", package], cwd=raw, check=True)
-        deb = sorted(glob.glob(os.path.join(raw, f"{package}_*.deb")))[-1]
-        tree = os.path.join(raw, package)
+    debs, texts = os.path.join(out_dir, "debs"), os.path.join(out_dir, "text")
+    os.makedirs(debs, exist_ok=True)
+    os.makedirs(texts, exist_ok=True)
+    tree = os.path.join(out_dir, "tree")
+    used = []
+    for package in DEBIAN_PACKAGES:
+        if not glob.glob(os.path.join(debs, f"{package}_*.deb")):
+            subprocess.run(["apt-get", "download", package], cwd=debs, check=True)
+        deb = sorted(glob.glob(os.path.join(debs, f"{package}_*.deb")))[-1]
         subprocess.run(["dpkg-deb", "-x", deb, tree], check=True)
-        found = sorted(p for pat in patterns for p in glob.glob(os.path.join(tree, pat)) if os.path.isfile(p)
-                       and not p.endswith((".gz", ".html", ".png", ".gif")))
-        files += found
-        sources.append({"package": package, "deb": os.path.basename(deb), "files": [os.path.relpath(f, tree)
-                                                                                   for f in found]})
+        used.append(os.path.basename(deb))
+    files = [_kjv(tree, os.path.join(texts, "kjv.txt")), _jargon(tree, os.path.join(texts, "jargon.txt")),
+             _fortunes(tree, os.path.join(texts, "fortunes.txt"))]
     data_dir = os.path.join(out_dir, "corpus")
-    if not os.path.isdir(data_dir):
-        summary = convert(files, data_dir)
-    else:
-        summary = None
+    summary = None if os.path.isdir(data_dir) else convert(files, data_dir)
     with open(os.path.join(out_dir, "SOURCES.json"), "w") as f:
-        json.dump({"sources": sources, "converted": summary}, f, indent=1, default=str)
+        json.dump({"packages": used, "texts": {os.path.basename(p): os.path.getsize(p) for p in files},
+                   "extraction": "kjv: the bible-kjv reader over Gen1:1-Rev22:21, verse references removed; "
+                                 "jargon: jargon.txt.gz; fortunes: every collection, '%' lines as paragraph breaks",
+                   "converted": summary}, f, indent=1, default=str)
     return data_dir
 
 
