@@ -76,7 +76,7 @@ def _prepare_heads(model, sample, il):
     Returns (parameters of heads built here, this rank's error or None)."""
     try:
         new = []
-        if model.has_aux_heads and sample is not None and not model.aux_head_error:
+        if model.has_aux_heads and sample is not None:
             new = model.prepare_heads(sample)
         elif model.heads_pending:
             what = ("aux_head takes the stage's output (stage_id, out)" if model._head_factory is not None
@@ -86,7 +86,7 @@ def _prepare_heads(model, sample, il):
                 "or sample_batch=(inputs, labels) to InterlockingPipelineModule")
         routing = Routing(model.num_stages, il.resolve_k(model.num_stages), il.combine)
         model.check_heads(routing)
-        if not any(p.requires_grad for p in model.parameters()):
+        if not model.stage_parameters():
             layers = f"layers {model._local_start}-{model._local_stop - 1}" if model._local_stop > model._local_start \
                 else "no layers"
             raise InterlockingConfigError(
@@ -94,8 +94,8 @@ def _prepare_heads(model, sample, il):
                 f"{model.num_stages} stages): the optimizer needs some on every stage; use fewer stages or "
                 "another partition_method")
         return new, None
-    except InterlockingConfigError as exc:
-        return [], str(exc)
+    except Exception as exc:  # noqa: BLE001 - every rank must hear of it (the agreement below), not just this one
+        return [], str(exc) if isinstance(exc, InterlockingConfigError) else f"{type(exc).__name__}: {exc}"
 
 
 def _agree_on_sample(sample):
@@ -116,13 +116,21 @@ def _add_to_optimizer(params, optimizer, model_parameters):
     if not params:
         return optimizer, model_parameters
     if optimizer is not None and hasattr(optimizer, "add_param_group"):
-        optimizer.add_param_group({"params": params})
+        have = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        params = [p for p in params if id(p) not in have]
+        if params:
+            optimizer.add_param_group({"params": params})
     elif model_parameters is not None:
+        # a lazy model.parameters() already yields the new heads: never list a parameter twice
         model_parameters = list(model_parameters)
         if model_parameters and isinstance(model_parameters[0], dict):
-            model_parameters.append({"params": params})
+            have = {id(p) for g in model_parameters for p in g["params"]}
+            params = [p for p in params if id(p) not in have]
+            if params:
+                model_parameters.append({"params": params})
         else:
-            model_parameters += params
+            have = {id(p) for p in model_parameters}
+            model_parameters += [p for p in params if id(p) not in have]
     return optimizer, model_parameters
 
 
@@ -213,6 +221,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 
     il, error = _check(model, config)
     _agree_on_errors(error)
+    # a head factory that failed on some stage must stop every rank before the collective dry run
+    _agree_on_errors(f'"aux_head": {model.aux_head_error}' if model.aux_head_error else None)
     sample = _agree_on_sample(_sample(model, training_data, collate_fn, config))
     new_params, error = _prepare_heads(model, sample, il)
     _agree_on_errors(error)

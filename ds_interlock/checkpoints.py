@@ -61,11 +61,34 @@ def _files(tag_dir: str) -> dict[str, int]:
     out = {}
     for root, _, names in os.walk(tag_dir):
         for name in names:
-            if name == MARKER or ".tmp-" in name:
+            if name in (MARKER, SAVING) or ".tmp-" in name:
                 continue
             path = os.path.join(root, name)
             out[os.path.relpath(path, tag_dir)] = os.path.getsize(path)
     return out
+
+
+SAVING = "ds_interlock_saving"     # present while a save of this tag is under way
+
+
+def checked_facts(facts: dict) -> dict:
+    """The facts a marker records, refused before anything is written if they are not plain JSON."""
+    try:
+        return json.loads(json.dumps(facts))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f'checkpoint facts (client_state["run"]) must be plain JSON values: {exc}') from None
+
+
+def begin(save_dir: str, tag: str) -> None:
+    """Before any rank writes ``tag``: drop a marker from an earlier save of the same tag (the tag is
+    incomplete until committed again) and leave a sentinel saying a save is under way."""
+    tag_dir = os.path.join(save_dir, tag)
+    os.makedirs(tag_dir, exist_ok=True)
+    try:
+        os.remove(os.path.join(tag_dir, MARKER))
+    except FileNotFoundError:
+        pass
+    atomic_write(os.path.join(tag_dir, SAVING), str(os.getpid()))
 
 
 def commit(save_dir: str, tag: str, facts: dict, latest: bool = True) -> None:
@@ -73,6 +96,10 @@ def commit(save_dir: str, tag: str, facts: dict, latest: bool = True) -> None:
     tag_dir = os.path.join(save_dir, tag)
     record = {"tag": tag, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "facts": facts, "files": _files(tag_dir)}
     atomic_write(os.path.join(tag_dir, MARKER), json.dumps(record, indent=1, sort_keys=True))
+    try:
+        os.remove(os.path.join(tag_dir, SAVING))
+    except FileNotFoundError:
+        pass
     if latest:
         atomic_write(os.path.join(save_dir, LATEST), tag)
 
@@ -108,14 +135,13 @@ def why_incomplete(save_dir: str, tag: Any) -> Optional[str]:
 
 
 def complete_tags(save_dir: str) -> list[str]:
-    """Complete checkpoints in ``save_dir``, newest first (by step, then time)."""
+    """Complete checkpoints in ``save_dir``, most recently committed first (after a rollback that is
+    not the highest step)."""
     found = []
     for name in os.listdir(save_dir) if os.path.isdir(save_dir) else []:
         if valid_tag(name) and why_incomplete(save_dir, name) is None:
-            record = read_marker(os.path.join(save_dir, name)) or {}
-            step = (record.get("facts") or {}).get("global_steps", -1)
-            found.append((step, os.path.getmtime(os.path.join(save_dir, name, MARKER)), name))
-    return [name for _, _, name in sorted(found, reverse=True)]
+            found.append((os.path.getmtime(os.path.join(save_dir, name, MARKER)), name))
+    return [name for _, name in sorted(found, reverse=True)]
 
 
 def _any_marker(save_dir: str) -> bool:
@@ -178,26 +204,25 @@ def check_layout(where: str, saved: Optional[dict], now: dict, zero: bool = Fals
                               "the same number of stages" + (" and, with ZeRO, data-parallel replicas" if zero else ""))
 
 
-def prune(save_dir: str, keep: int) -> list[str]:
-    """Remove all but the ``keep`` newest complete checkpoints, and incomplete ones older than the
-    newest complete one (left by a kill). Never touches the newest complete checkpoint."""
+def prune(save_dir: str, keep: int, protect: Optional[str] = None) -> list[str]:
+    """Remove all but the ``keep`` most recent complete checkpoints, and saves of ours that never
+    finished (their sentinel is still there) older than the most recent complete one. Never removes
+    ``protect`` (the tag just committed) nor ``latest``'s tag, and never a checkpoint without our
+    marker or sentinel (stock DeepSpeed's, older runs'): those are the user's to delete."""
     done = complete_tags(save_dir)
     if not done:
         return []
     newest_time = os.path.getmtime(os.path.join(save_dir, done[0], MARKER))
-    doomed = done[max(keep, 1):]
+    keep_names = set(done[:max(keep, 1)]) | {protect, read_latest(save_dir)}
+    doomed = [name for name in done[max(keep, 1):] if name not in keep_names]
     for name in os.listdir(save_dir):
         path = os.path.join(save_dir, name)
-        if (valid_tag(name) and name not in done and os.path.isdir(path) and _looks_like_checkpoint(path)
-                and os.path.getmtime(path) < newest_time):
+        if (valid_tag(name) and name not in done and name not in keep_names and os.path.isdir(path)
+                and os.path.exists(os.path.join(path, SAVING)) and os.path.getmtime(path) < newest_time):
             doomed.append(name)
     for name in doomed:
         shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
     return doomed
-
-
-def _looks_like_checkpoint(path: str) -> bool:
-    return any(n.endswith("model_states.pt") or n.endswith("optim_states.pt") for n in os.listdir(path))
 
 
 # ---------------------------------------------------------------- safe loading

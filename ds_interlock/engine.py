@@ -158,12 +158,15 @@ class InterlockingPipelineEngine(PipelineEngine):
         if not checkpoints.valid_tag(tag):
             raise ValueError(f"checkpoint tag {tag!r} must be a plain directory name")
         client_state = dict(client_state or {})
+        facts = checkpoints.checked_facts({**self.run_facts(), **(client_state.get("run") or {})})  # every rank
+        if self.global_rank == 0:
+            checkpoints.begin(save_dir, tag)   # a tag saved again is incomplete until its new marker
+        dist.barrier()
         ok = super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False,
                                      exclude_frozen_parameters=exclude_frozen_parameters)
         dist.barrier()      # every rank's files are on disk
         if self.global_rank == 0:
-            checkpoints.commit(save_dir, tag, {**self.run_facts(), **(client_state.get("run") or {})},
-                               latest=save_latest)
+            checkpoints.commit(save_dir, tag, facts, latest=save_latest)
         dist.barrier()      # nobody reads or prunes before the marker exists
         return ok
 
@@ -172,6 +175,9 @@ class InterlockingPipelineEngine(PipelineEngine):
         """DeepSpeed's load_checkpoint, of a complete checkpoint only (``latest``'s, else the newest
         complete one, said on rank 0); a stock DeepSpeed pipeline checkpoint (no aux heads in it)
         loads too: the layers and their optimizer state, with the heads starting fresh."""
+        if tag is None and not checkpoints.has_checkpoint(load_dir):
+            logger.warning(f"ds_interlock: no checkpoint in {load_dir} to load")
+            return None, None      # as DeepSpeed's load_checkpoint does when there is none
         tag, note = checkpoints.resolve(load_dir, tag)
         if note and self.global_rank == 0:
             print(f"ds_interlock: {note}", flush=True)
@@ -184,7 +190,7 @@ class InterlockingPipelineEngine(PipelineEngine):
                                            load_optimizer_states=load_optimizer_states,
                                            load_lr_scheduler_states=load_lr_scheduler_states,
                                            load_module_only=load_module_only, custom_load_fn=custom_load_fn)
-        with_optimizer = load_optimizer_states and not load_module_only
+        with_optimizer = load_optimizer_states and not load_module_only and self.optimizer is not None
         if with_optimizer and (self.zero_optimization() or self.bfloat16_enabled()):
             raise InterlockingConfigError(
                 f"{stock}: a stock DeepSpeed checkpoint (no aux heads) keeps the optimizer state of bf16 and ZeRO in "

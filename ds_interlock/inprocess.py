@@ -417,12 +417,17 @@ class InProcessPipeline:
         if not checkpoints.valid_tag(tag):
             raise ValueError(f"checkpoint tag {tag!r} must be a plain directory name")
         client_state = dict(client_state or {})
+        facts = checkpoints.checked_facts({**self.run_facts(), **(client_state.get("run") or {})})
+        checkpoints.begin(save_dir, tag)
         self.engine.save_checkpoint(save_dir, tag=tag, save_latest=False,
                                     client_state={**client_state, "rng": [r.state() for r in self._rng]})
-        checkpoints.commit(save_dir, tag, {**self.run_facts(), **(client_state.get("run") or {})})
+        checkpoints.commit(save_dir, tag, facts)
 
     def load_checkpoint(self, load_dir: str, tag: Optional[str] = None) -> tuple:
         """The checkpoint ``tag``, else ``latest``'s if complete, else the newest complete one."""
+        if tag is None and not checkpoints.has_checkpoint(load_dir):
+            print(f"ds_interlock: no checkpoint in {load_dir} to load", flush=True)
+            return None, None
         tag, note = checkpoints.resolve(load_dir, tag)
         if note:
             print(f"ds_interlock: {note}", flush=True)

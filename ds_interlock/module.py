@@ -103,7 +103,11 @@ class InterlockingPipelineModule(PipelineModule):
                              f"{type(exc).__name__}: {exc}")
             if s == self.num_stages - 1:
                 break
-            box = [(error, None if mine is None or s != self.stage_id else to_device(mine, torch.device("cpu")))]
+            try:
+                box = [(error, None if mine is None or s != self.stage_id else to_device(mine, torch.device("cpu")))]
+            except Exception as exc:  # noqa: BLE001 - the others wait in the broadcast: send the error instead
+                error = f"stage {self.stage_id}: its output cannot be sent ({type(exc).__name__}: {exc})"
+                box = [(error, None)]
             if distributed:
                 tdist.broadcast_object_list(box, src=first_pipeline[s])
             got_error, x = box[0]

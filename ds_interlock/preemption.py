@@ -51,6 +51,7 @@ class Preemption:
     def __init__(self, distributed: bool, watch_launcher: bool = True, poll_s: float = 1.0,
                  timeout_s: Optional[float] = None) -> None:
         self.reason: Optional[str] = None
+        self._closed = False
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         self._group = None
         if distributed:
@@ -64,14 +65,19 @@ class Preemption:
             threading.Thread(target=self._watch, args=(parent, watched, poll_s), daemon=True,
                              name="ds_interlock-launcher-watch").start()
 
+    def close(self) -> None:
+        """Give SIGTERM back to whoever had it (the watcher thread ends with the process)."""
+        signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+        self._closed = True
+
     def _on_sigterm(self, signum, frame) -> None:
         if self.reason is None:
             self.reason = f"SIGTERM on rank {os.environ.get('RANK', '0')}"
 
     def _watch(self, parent: int, watched: list, poll_s: float) -> None:
-        while self.reason is None:
+        while self.reason is None and not self._closed:
             time.sleep(poll_s)
-            if os.getppid() != parent or not all(_alive(p) for p in watched):
+            if not self._closed and (os.getppid() != parent or not all(_alive(p) for p in watched)):
                 self.reason = f"the launcher of rank {os.environ.get('RANK', '0')} is gone"
                 return
 

@@ -36,7 +36,8 @@ def loader_without_heads(optimizer: Any, load: Callable, head_ids: set, where: s
         for g in optimizer.param_groups:        # this job's indices, as Optimizer.state_dict() numbers them
             groups.append([(index + i, id(p) in head_ids, p) for i, p in enumerate(g["params"])])
             index += len(g["params"])
-        trunk_groups = [gi for gi, entries in enumerate(groups) if any(not head for _, head, _ in entries)]
+        # a group of head parameters only has no counterpart in the stock job (an empty group does)
+        trunk_groups = [gi for gi, entries in enumerate(groups) if not (entries and all(h for _, h, _ in entries))]
         if len(stock["param_groups"]) != len(trunk_groups):
             raise InterlockingConfigError(
                 f"{where}: the stock checkpoint's optimizer has {len(stock['param_groups'])} parameter groups, this "

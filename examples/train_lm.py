@@ -459,7 +459,7 @@ def main(argv=None):
     S = engine.num_stages
 
     from ds_interlock import checkpoints
-    run = {"seed": args.seed, "data": str(data.data_dir), "train_sequences": len(data.train),
+    run = {"seed": args.seed, "data": os.path.realpath(str(data.data_dir)), "train_sequences": len(data.train),
            "aux_head_rank": args.aux_head_rank,
            "vocab_size": data.vocab_size, "seq_len": seq_len, "model": args.model, "arch": parts.arch,
            "num_layers": parts.num_decoder_layers, "micro_batch": micro}
@@ -469,6 +469,8 @@ def main(argv=None):
             tag, note = checkpoints.resolve(args.save_dir)
         except checkpoints.CheckpointError as exc:
             raise SystemExit(str(exc)) from None
+        if note and rank == 0:
+            print(f"ds_interlock: {note}", flush=True)
         check_checkpoint_kind(os.path.join(args.save_dir, tag), args.single_process)
         saved = (checkpoints.read_marker(os.path.join(args.save_dir, tag)) or {}).get("facts") or {}
         changes = run_changes(saved, {**engine.run_facts(), **run})
@@ -512,7 +514,7 @@ def main(argv=None):
         engine.save_checkpoint(args.save_dir, client_state={
             "micro_batches_consumed": consumed, "elapsed_s": elapsed_before + time.time() - t0, "run": run})
         if rank == 0:
-            checkpoints.prune(args.save_dir, args.keep_checkpoints)
+            checkpoints.prune(args.save_dir, args.keep_checkpoints, protect=f"global_step{engine.global_steps}")
 
     def run_eval(step):
         result = evaluate(engine, data, args, dp_rank, dp_size, show_bar)
@@ -524,7 +526,9 @@ def main(argv=None):
             (bar.write(msg) if show_bar else print(msg, flush=True))
 
     from ds_interlock.preemption import EXIT_CODE, Preemption
-    preemption = Preemption(distributed=not args.single_process and world > 1, timeout_s=args.timeout_s)
+    distributed = not args.single_process and world > 1
+    # one process has no launcher to lose (a shell that exits under nohup is not a preemption)
+    preemption = Preemption(distributed=distributed, watch_launcher=distributed, timeout_s=args.timeout_s)
     t0 = time.time()
     last_log_time, last_log_step = t0, start_step
     step = start_step
@@ -566,6 +570,7 @@ def main(argv=None):
                     print(f"preempted at step {step} ({stop}){where}; exiting with {EXIT_CODE}", flush=True)
                 sys.stdout.flush()
                 sys.exit(EXIT_CODE)
+    preemption.close()
     if rank == 0:
         print(f"done: {step} steps, {time.time() - t0:.1f} s in this launch", flush=True)
 

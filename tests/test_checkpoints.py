@@ -90,13 +90,36 @@ def test_checkpoints_without_markers_load_as_deepspeed_would(tmp_path):
 def test_prune_keeps_the_newest_and_removes_leftovers(tmp_path):
     for step in (1, 2, 3, 4):
         save(tmp_path, f"global_step{step}", step)
-    old = save(tmp_path, "global_step0", 0, commit=False)           # a kill's leftover, older
-    os.utime(old, (1, 1))
+        os.utime(tmp_path / f"global_step{step}" / C.MARKER, (step, step))   # committed in step order
+    old = save(tmp_path, "global_step0", 0, commit=False)           # a kill's leftover of ours, older
+    C.begin(str(tmp_path), "global_step0")
+    os.utime(old, (0.5, 0.5))
+    stock = save(tmp_path, "stock_step9", 9, commit=False)          # no marker, no sentinel: the user's
+    os.utime(stock, (0.5, 0.5))
     (tmp_path / "notes").mkdir()                                      # not a checkpoint: untouched
     removed = C.prune(str(tmp_path), keep=2)
     assert sorted(removed) == ["global_step0", "global_step1", "global_step2"]
-    assert sorted(os.listdir(tmp_path)) == ["global_step3", "global_step4", "latest", "notes"]
+    assert sorted(os.listdir(tmp_path)) == ["global_step3", "global_step4", "latest", "notes", "stock_step9"]
     assert C.prune(str(tmp_path), keep=0) == ["global_step3"]        # never the newest complete one
+
+
+def test_prune_after_a_rollback_keeps_what_was_just_saved(tmp_path):
+    save(tmp_path, "global_step3100", 3100)
+    os.utime(tmp_path / "global_step3100" / C.MARKER, (1, 1))
+    save(tmp_path, "global_step1100", 1100)                         # resumed from 1000, saved again
+    assert C.prune(str(tmp_path), keep=1, protect="global_step1100") == ["global_step3100"]
+    assert C.resolve(str(tmp_path)) == ("global_step1100", None)
+
+
+def test_saving_a_tag_again_makes_it_incomplete_until_committed(tmp_path):
+    save(tmp_path, "last", 1)
+    C.begin(str(tmp_path), "last")       # a new save of the same tag starts; a kill now must not leave it "complete"
+    assert "no commit marker" in C.why_incomplete(str(tmp_path), "last")
+    C.commit(str(tmp_path), "last", {"global_steps": 2})
+    assert C.why_incomplete(str(tmp_path), "last") is None
+    assert not (tmp_path / "last" / C.SAVING).exists()
+    with pytest.raises(ValueError, match="plain JSON"):
+        C.checked_facts({"data": tmp_path})
 
 
 class Payload:

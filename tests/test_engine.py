@@ -344,6 +344,8 @@ def test_checkpoint_resume_and_bad_configs(two_procs, tmp_path):
            # last: it swaps the worker's layout for the old shared one, whose plan deadlocks under NCCL
            dict(name="old_layout", S=2, k=2, combine="furthest", M=2, layout="shared")]
     bad += [dict(name="wrong_head", S=2, k=2, M=2, feeding="training_data", head_kind="wrong"),
+            # a factory failing on stage 0 only, with a sample: must not strand stage 1 in the dry run
+            dict(name="head_none_with_data", S=2, k=2, feeding="training_data", bad_head="none"),
             dict(name="param_free_stage", S=2, k=2, model="param_free_stage",
                  optimizer_from_config={"type": "SGD", "params": {"lr": 0.1}}),
             dict(name="bad_json_file", S=2, k=2, config_file_text='{"train_micro_batch_size_per_gpu": 2,\n "x": }')]
@@ -381,11 +383,15 @@ def test_checkpoint_resume_and_bad_configs(two_procs, tmp_path):
     lazy = got["lazy_heads"]
     assert lazy[0].get("init_error") is None, lazy[0]["init_error"]
     assert lazy[0]["params"]["aux_heads.0.weight"].shape == (11, 8)
+    assert lazy[0]["losses"][1] != lazy[0]["losses"][0]        # two steps: the heads and trunk did train
     # a head that does not fit fails at initialize, naming stage, shape and expectation, on every rank
     for rec in got["wrong_head"]:
         err = rec.get("init_error") or ""
         assert "stage 0" in err and "Tensor[2, 5, 8] float32" in err and "expects 9 input features" in err, err
 
+    for rec in got["head_none_with_data"]:
+        err = rec.get("init_error") or ""
+        assert "aux_head(0) returned NoneType" in err, err
     for rec in got["param_free_stage"]:
         err = rec.get("init_error") or ""
         assert "stage 1 has no trainable parameters (layers 2-3 of 4, 2 stages)" in err, err

@@ -125,14 +125,15 @@ def drop_batch(i):
     return torch.randn(2, 6, generator=g), torch.randint(0, 4, (2,), generator=g)
 
 
-def run_global(aux_head, steps=4):
+def run_global(aux_head, steps=4, clip=None):
     torch.manual_seed(7)
-    c = cfg("global", "furthest", extra={"optimizer": {"type": "Adam", "params": {"lr": 0.05}}})
-    c.pop("gradient_clipping", None)        # DeepSpeed's default clipping (1.0) applies
+    c = cfg("global", "furthest", extra={"optimizer": {"type": "SGD", "params": {"lr": 0.5}}})
+    if clip is not None:
+        c["gradient_clipping"] = clip       # otherwise DeepSpeed's default clipping (1.0) applies
     p = InProcessPipeline(drop_layers(), 3, nn.functional.cross_entropy, aux_head=aux_head, config=c,
                           devices="cpu", partition_method="uniform", verbose=False,
                           sample_batch=drop_batch(0))
-    assert p.engine.gradient_clipping() == 1.0
+    assert p.engine.gradient_clipping() == (1.0 if clip is None else clip)
     after_build = torch.random.get_rng_state()
     losses = [p.train_batch(iter([drop_batch(2 * i), drop_batch(2 * i + 1)])) for i in range(steps)]
     trunk = {n: t.detach().clone() for s in range(3) for n, t in p.model.stages[s].named_parameters()}
@@ -143,13 +144,14 @@ def test_global_with_probe_heads_trains_exactly_like_no_heads():
     """Heads (even large ones, with huge gradients) change neither the trunk's initialisation, its
     dropout masks nor its clipped update: global + probe heads is the job without heads."""
     plain_losses, plain, plain_rng, _ = run_global(None)
+    assert run_global(None, clip=0.0)[0] != plain_losses        # the default clipping does act here
     big = lambda s, out: nn.Sequential(nn.Linear(out.features, 256), nn.Linear(256, 4))  # noqa: E731
     for factory in (big, lambda s: nn.Linear(16, 4), H.classifier(4)):
         losses, trunk, rng, p = run_global(factory)
         assert torch.equal(rng, plain_rng)
         assert losses == plain_losses
         assert all(torch.equal(trunk[n], plain[n]) for n in plain)
-        assert all(loss == loss for loss in p.stage_losses)     # the probes did train and report
+        assert all(loss == loss for loss in p.stage_losses)     # the probes report a loss
 
 
 class Detaching(nn.Module):

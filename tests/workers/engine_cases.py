@@ -70,6 +70,7 @@ def dropout_specs(dim=8, vocab=11):
 HEADS = {
     "toy": lambda: tm.aux_head(),
     "not_module": lambda: (lambda s: 42),
+    "none": lambda: (lambda s: None),
     "sized": lambda: (lambda s, out: tm.Head(out.features, 11, 1000 + s)),   # same weights as "toy"
     "lazy": lambda: (lambda s: torch.nn.LazyLinear(11)),
     "wrong": lambda: (lambda s: torch.nn.Linear(9, 11)),
