@@ -142,16 +142,20 @@ def run_global(aux_head, steps=4, clip=None):
 
 def test_global_with_probe_heads_trains_exactly_like_no_heads():
     """Heads (even large ones, with huge gradients) change neither the trunk's initialisation, its
-    dropout masks nor its clipped update: global + probe heads is the job without heads."""
-    plain_losses, plain, plain_rng, _ = run_global(None)
-    assert run_global(None, clip=0.0)[0] != plain_losses        # the default clipping does act here
+    dropout masks nor its clipped update: global + probe heads is the job without heads, with
+    DeepSpeed's default clipping (1.0) and with a clipping that clearly acts."""
+    unclipped = run_global(None, clip=0.0)[0]
     big = lambda s, out: nn.Sequential(nn.Linear(out.features, 256), nn.Linear(256, 4))  # noqa: E731
-    for factory in (big, lambda s: nn.Linear(16, 4), H.classifier(4)):
-        losses, trunk, rng, p = run_global(factory)
-        assert torch.equal(rng, plain_rng)
-        assert losses == plain_losses
-        assert all(torch.equal(trunk[n], plain[n]) for n in plain)
-        assert all(loss == loss for loss in p.stage_losses)     # the probes report a loss
+    for clip in (None, 0.05):
+        plain_losses, plain, plain_rng, _ = run_global(None, clip=clip)
+        if clip:
+            assert plain_losses[1:] != unclipped[1:]                # this clipping does act
+        for factory in (big, lambda s: nn.Linear(16, 4), H.classifier(4)):
+            losses, trunk, rng, p = run_global(factory, clip=clip)
+            assert torch.equal(rng, plain_rng)
+            assert losses == plain_losses
+            assert all(torch.equal(trunk[n], plain[n]) for n in plain)
+            assert all(loss == loss for loss in p.stage_losses)     # the probes report a loss
 
 
 class Detaching(nn.Module):
