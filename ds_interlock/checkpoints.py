@@ -266,6 +266,9 @@ def safe_load(path: str, map_location: Any = None) -> Any:
         raise CheckpointError(f"{path}: refused to load: {what}, and loading it could run code. If you trust the "
                               f"file, set {TRUST_ENV}=1") from None
     except (EOFError, RuntimeError, OSError) as exc:
+        text = str(exc).lower()
+        if isinstance(exc, RuntimeError) and not any(w in text for w in ("zip", "archive", "unpickl", "magic", "eof")):
+            raise       # not the file's fault (out of memory, a bad map_location, ...)
         raise CheckpointError(f"{path}: cannot be read, the file is damaged or incomplete "
                               f"({type(exc).__name__}: {exc})") from None
 

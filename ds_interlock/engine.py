@@ -175,13 +175,29 @@ class InterlockingPipelineEngine(PipelineEngine):
         """DeepSpeed's load_checkpoint, of a complete checkpoint only (``latest``'s, else the newest
         complete one, said on rank 0); a stock DeepSpeed pipeline checkpoint (no aux heads in it)
         loads too: the layers and their optimizer state, with the heads starting fresh."""
-        if tag is None and not checkpoints.has_checkpoint(load_dir):
+        # rank 0 decides and tells everyone: ranks that looked for themselves could pick different tags,
+        # or fail alone, on a file system whose views differ
+        verdict = [None]
+        if self.global_rank == 0:
+            try:
+                if tag is None and not checkpoints.has_checkpoint(load_dir):
+                    verdict = [("none", None, None, None)]
+                else:
+                    found, note = checkpoints.resolve(load_dir, tag)
+                    facts = (checkpoints.read_marker(os.path.join(load_dir, found)) or {}).get("facts")
+                    verdict = [("ok", found, note, facts)]
+            except checkpoints.CheckpointError as exc:
+                verdict = [("error", str(exc), None, None)]
+        dist.broadcast_object_list(verdict, src=0)
+        kind, tag, note, facts = verdict[0]
+        if kind == "none":
             logger.warning(f"ds_interlock: no checkpoint in {load_dir} to load")
             return None, None      # as DeepSpeed's load_checkpoint does when there is none
-        tag, note = checkpoints.resolve(load_dir, tag)
+        if kind == "error":
+            raise checkpoints.CheckpointError(tag)
         if note and self.global_rank == 0:
             print(f"ds_interlock: {note}", flush=True)
-        self.loaded_checkpoint_facts = (checkpoints.read_marker(os.path.join(load_dir, tag)) or {}).get("facts")
+        self.loaded_checkpoint_facts = facts
         checkpoints.check_layout(os.path.join(load_dir, tag), self.loaded_checkpoint_facts, self.run_facts(),
                                  zero=bool(self.zero_optimization()))
         stock = stockckpt.is_stock(load_dir, tag, self.module)
