@@ -202,6 +202,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                           distributed_port=distributed_port, dist_init_required=dist_init_required)
     _fail_fast_on_exception()
+    # our start-up collectives (error agreement, the heads' dry run) run before DeepSpeed's engine
+    # picks this rank's device: pick it now, or every local rank would talk through device 0
+    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0)))
 
     if config is None and config_params is not None:
         config = config_params
