@@ -113,7 +113,8 @@ def plan(kind: str, name: str, routing: Routing, micro_batches: int) -> Schedule
     return inference(routing, micro_batches) if kind == "inference" else train_schedule(name, routing, micro_batches)
 
 
-def interlocked(routing: Routing, micro_batches: int, max_live: Optional[int] = None) -> Schedule:
+def interlocked(routing: Routing, micro_batches: int, max_live: Optional[int] = None,
+                cost: Optional[Callable] = None, latency: float = 0.0) -> Schedule:
     """Each gradient component is computed and sent as soon as it can be.
 
     Built by list scheduling over unit costs (F = I = 1, W = 2): every stage, whenever
@@ -123,15 +124,33 @@ def interlocked(routing: Routing, micro_batches: int, max_live: Optional[int] = 
     Receives are placed just before the first task that needs them, in channel order;
     sends right after the task that made the tensor. Nothing waits on a stage more
     than k-1 downstream, because no task needs anything from further away.
+
+    ``cost`` (a ``cost(stage, action)`` callable, as simulate takes) and ``latency`` (per-hop
+    message delay, same unit) re-plan for those: task durations and message arrival times
+    come from them, with the same memory cap. Without them (the engine's call) the plan is
+    the unit-cost one above, unchanged.
     """
     S, M, k = routing.num_stages, micro_batches, routing.k
     if k == S and routing.combine == "furthest" and max_live is None:
         # nothing is truncated: plain backprop, for which 1F1B's order is already the best
         return Schedule("interlocked", routing, M, one_f_one_b(routing, M).stages)
+    return _list_schedule(routing, M, max_live, cost or _UNIT_PLAN, latency)
+
+
+_UNIT_PLAN = {"forward": 1.0, "input_grad": 1.0, "weight_grad": 2.0}
+
+
+def _list_schedule(routing: Routing, micro_batches: int, max_live: Optional[int], cost, latency: float) -> Schedule:
+    """The list scheduling of interlocked(); ``cost`` is the unit table (the default plan,
+    its exact numbers) or a cost(stage, action) callable."""
+    S, M, k = routing.num_stages, micro_batches, routing.k
     # local learning never waits, so one live micro-batch loses nothing and halves memory
     cap = max_live or (1 if k == 1 else k + 1)
     INF = float("inf")
-    cost = {"forward": 1.0, "input_grad": 1.0, "weight_grad": 2.0}
+    if isinstance(cost, dict):
+        duration = lambda s, op, mb, j: cost[op]   # noqa: E731  (the default plan's exact numbers)
+    else:
+        duration = lambda s, op, mb, j: cost(s, Action(op, mb, j))   # noqa: E731
     acts = [[] for _ in range(S)]
     clock = [0.0] * S
     live = [0] * S
@@ -145,7 +164,7 @@ def interlocked(routing: Routing, micro_batches: int, max_live: Optional[int] = 
 
     def send(s, kind, mb, loss, t):
         dst = s + 1 if kind == "act" else s - 1
-        arrived[dst][(kind, mb, loss)] = t
+        arrived[dst][(kind, mb, loss)] = t + latency
         channel_order[dst][kind].append((mb, loss))
         acts[s].append(Action("send_act", mb) if kind == "act" else Action("send_grad", mb, loss))
 
@@ -197,7 +216,7 @@ def interlocked(routing: Routing, micro_batches: int, max_live: Optional[int] = 
         if not found:
             raise RuntimeError("interlocked schedule generation stalled (a bug)")
         t, _, _, s, (op, mb, j) = min(found)
-        end = t + cost[op]
+        end = t + duration(s, op, mb, j)
         if op == "forward":
             if s == 0 or s == routing.last:
                 acts[s].append(Action("load", mb))

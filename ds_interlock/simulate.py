@@ -4,17 +4,26 @@ Everything here consumes a ``Schedule`` and ``replay``: the simulator never has 
 idea of what a schedule is, so what is timed is what the engine runs.
 
 Cost models are callables ``cost(stage, action) -> duration``, as ``replay`` takes them:
-``unit_cost`` (docs/algorithm.md: F = I = 1, W = 2, messages free) or ``cost_from_json``
-(per-stage seconds per op, profiled from a real run).
+``unit_cost`` (docs/algorithm.md: F = I = 1, W = 2, messages free), ``unit_costs(aux_head=x)``
+or ``cost_from_json`` (per-stage seconds per op, profiled from a real run). A cost model may
+carry an aux-head cost (``cost.aux_head(stage)``: the head's forward + backward), which
+``simulate`` charges to the forward of every stage that runs a head.
+
+Per-hop latency (``latency=``) delays every message's arrival without occupying either
+stage. Other libraries' global schedules (rank_order.py, library_schedules.py) are timed by
+``simulate_order`` under the same costs and latency and give the same SimResult and Trace.
 """
 import json
 import os
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from .actions import COMPUTE, unit_cost
-from .replay import replay
+from .rank_order import RankOrder, task_cost, time_order
+from .replay import Trace, channel, replay
 
-COLORS = {"forward": "#4c72b0", "input_grad": "#dd8452", "weight_grad": "#55a868"}
+COLORS = {"forward": "#4c72b0", "input_grad": "#dd8452", "weight_grad": "#55a868",
+          "backward": "#2e7d4f", "weight": "#55a868", "recompute": "#9fb6d9"}
 OTHER_COLOR = "#8c8c8c"
 
 
@@ -22,6 +31,9 @@ OTHER_COLOR = "#8c8c8c"
 
 def cost_from_json(path_or_dict):
     """A cost(stage, action) callable from ``{"per_stage": {"0": {"forward": sec, ...}, ...}}``.
+
+    ``forward`` is the stage's own forward; an ``aux_head`` entry (its head's forward and
+    backward) is charged on top by simulate, on stages that run a head.
 
     Ops a stage does not list cost 0 (a profile that never saw an op measured nothing);
     a stage that is not listed at all is an error, since silently free stages would make
@@ -47,12 +59,68 @@ def cost_from_json(path_or_dict):
 
     cost.unit = "s"
     cost.num_stages = len(table)
+    # the aux head's forward + backward is its own entry, charged by simulate (charge_aux_heads)
+    cost.aux_head = lambda stage: table.get(stage, {}).get("aux_head", 0.0)
     return cost
 
 
 def time_unit(cost):
     """'F' for unit costs (multiples of one forward), else what the model declares ('s')."""
     return getattr(cost, "unit", "F")
+
+
+def unit_costs(aux_head=0.0):
+    """The unit cost model plus an aux head costing ``aux_head`` forwards per stage."""
+    def cost(stage, action):
+        return unit_cost(stage, action)
+    cost.aux_head = lambda stage: float(aux_head)
+    return cost
+
+
+def replicate_stages(data, num_stages, stage=None):
+    """A per-stage cost profile with ``num_stages`` copies of one profiled stage (``stage``,
+    or the only one), so one representative stage's measurement can stand for a deeper pipeline."""
+    per = data["per_stage"]
+    if stage is None:
+        if len(per) != 1:
+            raise ValueError(f"the profile has stages {sorted(per)}: name the one to replicate")
+        stage = next(iter(per))
+    if str(stage) not in per:
+        raise ValueError(f"the profile has no stage {stage} (stages {sorted(per)})")
+    return {**data, "per_stage": {str(s): dict(per[str(stage)]) for s in range(num_stages)},
+            "replicated_from": str(stage)}
+
+
+def aux_head_cost(cost, stage):
+    """What the cost model charges for one stage's aux head (forward + backward); 0 if none."""
+    aux = getattr(cost, "aux_head", None)
+    return float(aux(stage)) if aux is not None else 0.0
+
+
+def head_stages(routing):
+    """Stages whose forward runs an aux head that matters: every stage but the last, unless
+    k = S with "furthest" (plain backprop, where heads are optional probes: not charged)."""
+    return range(routing.num_stages - 1) if routing.needs_aux_heads else range(0)
+
+
+def charge_aux_heads(cost, routing):
+    """``cost`` with each head's cost added to its stage's forward (the engine runs the head
+    inside the forward action)."""
+    heads = set(head_stages(routing))
+    if not any(aux_head_cost(cost, s) for s in heads):
+        return cost
+
+    def charged(stage, action):
+        extra = aux_head_cost(cost, stage) if action.op == "forward" and stage in heads else 0.0
+        return cost(stage, action) + extra
+    charged.unit = time_unit(cost)
+    return charged
+
+
+def mean_forward(cost, num_stages):
+    """One forward in the cost model's unit, averaged over stages (latencies are quoted in it)."""
+    from .actions import Action
+    return sum(cost(s, Action("forward", 0)) for s in range(num_stages)) / num_stages
 
 
 # ---------------------------------------------------------------- simulation
@@ -75,10 +143,15 @@ class SimResult:
     peak_live: list           # per stage, most micro-batches between forward and weight_grad
     lower_bound: float        # busiest stage's own work per batch
     bound_ratio: float = field(default=0.0)
+    latency: float = 0.0      # per-hop message delay it was timed with
 
     def to_dict(self):
-        r = self.schedule.routing
-        return {"name": self.name, "num_stages": r.num_stages, "k": r.k, "combine": r.combine,
+        if isinstance(self.schedule, RankOrder):
+            shape = {"num_stages": self.schedule.num_ranks, "k": None, "combine": None}
+        else:
+            r = self.schedule.routing
+            shape = {"num_stages": r.num_stages, "k": r.k, "combine": r.combine}
+        return {"name": self.name, **shape, "latency": self.latency,
                 "micro_batches": self.schedule.micro_batches, "flush": self.flush,
                 "batches": self.batches, "unit": self.unit, "makespan": self.makespan,
                 "step_time": self.step_time, "steady": self.steady, "busy": self.busy,
@@ -93,36 +166,101 @@ def stage_work(schedule, cost=unit_cost):
     return [sum(cost(s, a) for a in acts) / B for s, acts in enumerate(schedule.stages)]
 
 
-def simulate(schedule, cost=unit_cost, batches=1, flush=True, name=None):
+def time_schedule(schedule, cost=unit_cost, flush=True, latency=0.0):
+    """replay()'s timing with every message arriving ``latency`` after its send ends.
+
+    Timing only: replay() is what checks a schedule (simulate runs it first). At latency 0
+    the events are replay's own (tests hold them equal)."""
+    S = schedule.routing.num_stages
+    lists = [schedule.for_stage(s) for s in range(S)]
+    pos, clock = [0] * S, [0.0] * S
+    sent = defaultdict(deque)              # channel -> arrival times, in send order
+    at_step, steps_done = {}, [0] * S
+    trace = Trace(schedule)
+    progress = True
+    while progress:
+        progress = False
+        for s in range(S):
+            while pos[s] < len(lists[s]):
+                act = lists[s][pos[s]]
+                start = clock[s]
+                if act.op.startswith("recv"):
+                    queue = sent[channel(s, act, S)]
+                    if not queue:
+                        break
+                    start = max(start, queue.popleft())
+                if act.op == "step" and flush:
+                    arrived = at_step.setdefault(steps_done[s], {})
+                    arrived[s] = clock[s]
+                    if len(arrived) < S:
+                        break
+                    start = max(arrived.values())
+                end = start + cost(s, act)
+                if act.op.startswith("send"):
+                    sent[channel(s, act, S)].append(end + latency)
+                steps_done[s] += act.op == "step"
+                clock[s] = end
+                trace.events.append((s, act, start, end))
+                pos[s] += 1
+                progress = True
+    trace.makespan = max(clock) if clock else 0.0
+    return trace
+
+
+def _timed(schedule, cost, flush, latency):
+    trace = replay(schedule, cost=cost, flush=flush)        # the checks, and peak memory
+    if latency:
+        timed = time_schedule(schedule, cost, flush, latency)
+        timed.peak_live = trace.peak_live
+        return timed
+    return trace
+
+
+def simulate(schedule, cost=unit_cost, batches=1, flush=True, name=None, latency=0.0):
     """Replay ``batches`` back-to-back batches of a one-batch schedule and summarize.
 
     With batches >= 3 the step time is (T(B) - T(2)) / (B - 2): the first batch's fill
     and the last batch's drain fall outside the difference, which is what a long run sees.
+    Aux heads the cost model prices are charged (charge_aux_heads); ``latency`` delays messages.
     """
     if batches < 1:
         raise ValueError("batches must be >= 1")
     if schedule.batches != 1:
         raise ValueError("simulate() takes a one-batch schedule; use batches= to repeat it")
-    S = schedule.routing.num_stages
-    trace = replay(schedule.repeat(batches), cost=cost, flush=flush)
+    cost = charge_aux_heads(cost, schedule.routing)
+    trace = _timed(schedule.repeat(batches), cost, flush, latency)
+    two = (lambda: _timed(schedule.repeat(2), cost, flush, latency).makespan) if batches >= 3 else None
+    return _summary(name or schedule.name, schedule, flush, batches, cost, trace, two,
+                    stage_work(schedule, cost), latency)
+
+
+def simulate_order(order, cost=unit_cost, batches=1, latency=0.0, name=None):
+    """simulate() for a library's rank-level order (rank_order.py): per rank, not per stage."""
+    if batches < 1:
+        raise ValueError("batches must be >= 1")
+    if order.batches != 1:
+        raise ValueError("simulate_order() takes a one-batch order; use batches= to repeat it")
+    trace = time_order(order.repeat(batches), cost, latency)
+    two = (lambda: time_order(order.repeat(2), cost, latency).makespan) if batches >= 3 else None
+    work = [sum(task_cost(order, cost, r, t) for t in tasks) for r, tasks in enumerate(order.ranks)]
+    return _summary(name or order.name, order, order.flush, batches, cost, trace, two, work, latency)
+
+
+def _summary(name, schedule, flush, batches, cost, trace, two_batches, work, latency):
     T = trace.makespan
-    steady = batches >= 3
-    if steady:
-        t2 = replay(schedule.repeat(2), cost=cost, flush=flush).makespan
-        step = (T - t2) / (batches - 2)
-    else:
-        step = T / batches
-    busy = [trace.busy(s) for s in range(S)]
-    work = stage_work(schedule, cost)
+    steady = two_batches is not None
+    step = (T - two_batches()) / (batches - 2) if steady else T / batches
+    rows = len(work)
     bound = max(work) if work else 0.0
     clamp = lambda x: min(1.0, max(0.0, x))   # noqa: E731  (float noise only)
     return SimResult(
-        name=name or schedule.name, schedule=schedule, flush=flush, batches=batches,
+        name=name, schedule=schedule, flush=flush, batches=batches,
         unit=time_unit(cost), trace=trace, makespan=T, step_time=step, steady=steady,
-        busy=busy, idle_fraction=[clamp(trace.idle_fraction(s)) for s in range(S)],
+        busy=[trace.busy(s) for s in range(rows)],
+        idle_fraction=[clamp(trace.idle_fraction(s)) for s in range(rows)],
         work=work, steady_idle=[clamp(1.0 - w / step) if step else 0.0 for w in work],
         peak_live=list(trace.peak_live), lower_bound=bound,
-        bound_ratio=step / bound if bound else float("inf"))
+        bound_ratio=step / bound if bound else float("inf"), latency=latency)
 
 
 # ---------------------------------------------------------------- pictures and traces
@@ -131,10 +269,17 @@ def _trace_of(x):
     return x.trace if isinstance(x, SimResult) else x
 
 
+def _rows(schedule):
+    """Timeline rows: stages of a Schedule, ranks of a library's RankOrder."""
+    return schedule.num_ranks if isinstance(schedule, RankOrder) else schedule.routing.num_stages
+
+
 def _default_title(x):
     tr = _trace_of(x)
-    r = tr.schedule.routing
     flush = f", flush={x.flush}" if isinstance(x, SimResult) else ""
+    if isinstance(tr.schedule, RankOrder):
+        return f"{tr.schedule.name}  S={tr.schedule.num_ranks}  M={tr.schedule.micro_batches}{flush}"
+    r = tr.schedule.routing
     return f"{tr.schedule.name}  S={r.num_stages} k={r.k} {r.combine}  M={tr.schedule.micro_batches}{flush}"
 
 
@@ -162,7 +307,7 @@ def timeline_png(results_or_traces, path, titles=None, dpi=110):
     titles = list(titles) if titles is not None else [_default_title(x) for x in items]
     traces = [_trace_of(x) for x in items]
     xmax = max(t.makespan for t in traces) or 1.0
-    rows = [t.schedule.routing.num_stages for t in traces]
+    rows = [_rows(t.schedule) for t in traces]
     width = 14.0
     fig, axes = plt.subplots(len(traces), 1, sharex=True, squeeze=False,
                              figsize=(width, sum(0.45 * r + 0.9 for r in rows)),
@@ -171,11 +316,11 @@ def timeline_png(results_or_traces, path, titles=None, dpi=110):
     px_per_unit = width * dpi * 0.85 / xmax   # rough: the axes take ~85% of the figure width
     for ax, tr, title in zip(axes, traces, titles):
         M = tr.schedule.micro_batches
-        S = tr.schedule.routing.num_stages
+        S = _rows(tr.schedule)
         for s, act, start, end in tr.events:
             dur = end - start
             y = S - 1 - s                      # stage 0 on top
-            if act.op in COMPUTE:
+            if act.op in COLORS:
                 shade = 0.45 if (act.mb // M) % 2 else 0.0
                 ax.barh(y, dur, left=start, height=0.8, color=_lighten(COLORS[act.op], shade),
                         edgecolor="white", linewidth=0.5)
@@ -188,14 +333,16 @@ def timeline_png(results_or_traces, path, titles=None, dpi=110):
             elif dur > 0:
                 ax.barh(y - 0.3, dur, left=start, height=0.2, color=OTHER_COLOR)
         ax.set_yticks(range(S))
-        ax.set_yticklabels([f"stage {S - 1 - i}" for i in range(S)], fontsize=8)
+        what = "rank" if isinstance(tr.schedule, RankOrder) else "stage"
+        ax.set_yticklabels([f"{what} {S - 1 - i}" for i in range(S)], fontsize=8)
         ax.set_ylim(-0.6, S - 0.4)
         ax.set_title(title, fontsize=9, loc="left")
         ax.grid(axis="x", alpha=0.3)
     axes[-1].set_xlim(0, xmax)
     unit = items[0].unit if isinstance(items[0], SimResult) else "F"
     axes[-1].set_xlabel("time (units of one forward)" if unit == "F" else f"time ({unit})")
-    handles = [Patch(color=COLORS[k], label=k) for k in COMPUTE]
+    present = {a.op for t in traces for _, a, _, _ in t.events}
+    handles = [Patch(color=COLORS[k], label=k) for k in COLORS if k in present or k in COMPUTE]
     handles.append(Patch(color="black", label="step"))
     # above the first panel, right of its (left-aligned) title: never over a box
     axes[0].legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7,
@@ -219,7 +366,7 @@ def chrome_trace(trace, path, us_per_unit=None):
     M = tr.schedule.micro_batches
     events = [{"name": "process_name", "ph": "M", "pid": 0, "tid": 0,
                "args": {"name": _default_title(trace)}}]
-    for s in range(tr.schedule.routing.num_stages):
+    for s in range(_rows(tr.schedule)):
         events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": s,
                        "args": {"name": f"stage {s}"}})
         events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": s,
