@@ -243,8 +243,9 @@ def cap_memory(order: RankOrder, caps) -> RankOrder:
     order, a micro-batch keeps its activations if that keeps the rank within its cap for the
     micro-batch's whole lifetime; otherwise it keeps only its stage input (not counted, a
     1/layers fraction) and its forward is recomputed right before its backward, holding its
-    activations from there to its backward's (or weight part's) end. Recomputed lifetimes
-    are short but not checked against the cap: ``peak_live`` reports what results."""
+    activations from there to its backward's (or weight part's) end; those windows count
+    against later decisions but are not themselves refused, so ``peak_live`` reports what
+    results (above the cap only where a cap is below one micro-batch's recompute window)."""
     if order.batches != 1:
         raise ValueError("cap_memory takes a one-batch order; repeat() the result")
     ranks = []
@@ -257,20 +258,18 @@ def cap_memory(order: RankOrder, caps) -> RankOrder:
                 first_bwd[key] = i
             if t.op in FREES:
                 free_at[key] = i
-        use = [0.0] * (len(tasks) + 1)      # weight held after each position
+        use = [0.0] * len(tasks)            # weight held while each task runs
         recompute = set()
         for i, t in enumerate(tasks):
             if t.op != "forward":
                 continue
             key, h = (t.stage, t.mb), order.share(t.stage)
-            span = range(i, free_at[key])
-            if all(use[j] + h <= caps[r] + 1e-9 for j in span):
-                for j in span:
-                    use[j] += h
-            else:
-                recompute.add(key)
-                for j in range(first_bwd[key], free_at[key]):
-                    use[j] += h
+            span = range(i, free_at[key] + 1)
+            if not all(use[j] + h <= caps[r] + 1e-9 for j in span):
+                recompute.add(key)              # held again from its recompute (just before
+                span = range(first_bwd[key], free_at[key] + 1)   # its backward) to its end
+            for j in span:
+                use[j] += h
         out = []
         for i, t in enumerate(tasks):
             if (t.stage, t.mb) in recompute and first_bwd.get((t.stage, t.mb)) == i:

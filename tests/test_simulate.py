@@ -8,8 +8,8 @@ import pytest
 
 from ds_interlock.routing import Routing
 from ds_interlock.schedule import interlocked, one_f_one_b
-from ds_interlock.simulate import (COMPUTE, chrome_trace, cost_from_json, format_table, simulate,
-                                   stage_work, timeline_png)
+from ds_interlock.simulate import (COMPUTE, chrome_trace, cost_from_json, format_table, replicate_stages,
+                                   simulate, stage_work, timeline_png)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("forward", "input_grad", "weight_grad", "send_act", "recv_act", "send_grad", "recv_grad")
@@ -166,37 +166,64 @@ def test_benchmark_script_quick(tmp_path):
     md = tmp_path / "bench.md"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "schedule.py"), "--quick",
                            "--batches", "3", "--json", str(out), "--markdown", str(md)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert set(data) >= {"parameters", "rows", "targets", "all_targets_pass"}
     assert data["parameters"]["stages"] == [4] and data["parameters"]["micro_batches"] == [8]
-    names = {r["schedule"] for r in data["rows"]}
-    assert {"1f1b-global", "interlocked k=1", "interlocked k=3", "interlocked k=4",
-            "interlocked k=3 sum", "1f1b-order k=3"} <= names
-    row = next(r for r in data["rows"] if r["schedule"] == "1f1b-global")
-    assert row["step_time"] == 33 and row["vs_1f1b"] == 1 and row["flush"] is True
-    for r in data["rows"]:
-        assert set(r) >= {"step_time", "vs_1f1b", "lower_bound", "bound_ratio", "idle_mean",
-                          "idle_max", "live_0", "live_max", "peak_live"}
-    assert data["targets"] and all(set(t) == {"target", "pass", "detail"} for t in data["targets"])
-    assert data["all_targets_pass"] == all(t["pass"] for t in data["targets"])
-    for t in data["targets"]:
-        assert ("PASS" if t["pass"] else "FAIL") + "  " + t["target"] in proc.stdout
+    rows = data["rows"]
+    for r in rows:
+        assert set(r) >= {"schedule", "S", "M", "k", "combine", "table", "latency", "step", "vs_1f1b",
+                          "vs_best_global", "best_global", "live_s0"}
+    assert {r["table"] for r in rows} == {"main", "equal_memory", "latency"}
+    main = {r["schedule"]: r for r in rows if r["table"] == "main"}
+    assert {"DeepSpeed 1F1B", "torch ZB1P", "torch ZBV", "torch DualPipeV", "DeepSpeed DualPipeV",
+            "interlocked k=1", "interlocked k=3 sum", "1f1b-order k=3"} <= set(main)
+    base = main["DeepSpeed 1F1B"]
+    assert base["step"] == 33 and base["vs_1f1b"] == 1 and base["live_s0"] == 4
+    best = min(r["step"] for r in main.values() if r["kind"] == "global")
+    assert all(r["best_global"] == next(n for n, x in main.items() if x["kind"] == "global" and x["step"] == best)
+               for r in main.values())
+    assert main["interlocked k=1"]["vs_best_global"] == pytest.approx(24 / best)
+    eq = [r for r in rows if r["table"] == "equal_memory" and r["kind"] == "global" and r["k"] == 2
+          and r["combine"] == "furthest"]
+    assert eq and all(r["schedule"].endswith("+recompute") for r in eq)
+    assert {r["latency"] for r in rows if r["table"] == "latency"} == {0.0, 0.1, 0.5, 1.0}
+    lat1 = {r["schedule"]: r for r in rows if r["table"] == "latency" and r["latency"] == 1.0}
+    assert lat1["DeepSpeed 1F1B"]["step"] > 33                  # latency slows the global order
+    assert lat1["interlocked k=1"]["step"] == 24                # local sends no gradients
+    assert lat1["interlocked k=2 replanned"]["nccl_checked"]
+    assert data["targets"] == []                                # goals need S = 8, M = 8
     assert "S = 4, M = 8" in md.read_text()
 
 
 def test_benchmark_script_with_measured_costs(tmp_path):
+    """A profile of one stage, replicated to S = 4, with an aux-head entry."""
+    one = uniform(1, forward=2.0)
+    one["per_stage"]["0"]["aux_head"] = 1.0
     costs = tmp_path / "costs.json"
-    costs.write_text(json.dumps(uniform(4, forward=2.0)))
+    costs.write_text(json.dumps(one))
     out = tmp_path / "bench.json"
     # in-process (the subprocess test above covers the command line; this saves an import)
     spec = importlib.util.spec_from_file_location("bench_schedule",
                                                   os.path.join(ROOT, "benchmarks", "schedule.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--quick", "--batches", "3", "--costs", str(costs), "--json", str(out)]) == 0
+    assert bench.main(["--quick", "--batches", "3", "--costs", str(costs), "--replicate_stages", "4",
+                       "--no_nccl_check", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["parameters"]["unit"] == "s"
-    row = next(r for r in data["rows"] if r["schedule"] == "1f1b-global")
-    assert row["step_time"] == (8 + 3) * 4
+    assert data["parameters"]["unit"] == "s" and data["parameters"]["stages"] == [4]
+    main = {r["schedule"]: r for r in data["rows"] if r["table"] == "main"}
+    assert main["DeepSpeed 1F1B"]["step"] == (8 + 3) * 4           # (M + S - 1)(F + B), no heads
+    assert main["interlocked k=1"]["step"] == 8 * (2 + 2 + 1)        # forward, weight chain, aux head
+    lat = [r for r in data["rows"] if r["table"] == "latency" and r["latency"] == 1.0]
+    assert {r["latency_abs"] for r in lat} == {2.0}                  # latency in forwards
+
+
+def test_replicate_stages():
+    data = {"per_stage": {"1": {"forward": 0.5}, "2": {"forward": 0.7}}}
+    with pytest.raises(ValueError, match="name the one"):
+        replicate_stages(data, 4)
+    rep = replicate_stages(data, 4, stage=2)
+    assert set(rep["per_stage"]) == {"0", "1", "2", "3"} and rep["per_stage"]["3"]["forward"] == 0.7
+    assert cost_from_json(rep).num_stages == 4
