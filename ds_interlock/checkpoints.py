@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import torch
 
+from .files import atomic_write_bytes
+
 MARKER = "ds_interlock_complete.json"
 LATEST = "latest"
 TRUST_ENV = "DS_INTERLOCK_TRUST_CHECKPOINTS"
@@ -41,20 +43,7 @@ def valid_tag(tag: Any) -> bool:
 
 
 def atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _files(tag_dir: str) -> dict[str, int]:
@@ -69,6 +58,14 @@ def _files(tag_dir: str) -> dict[str, int]:
 
 
 SAVING = "ds_interlock_saving"     # present while a save of this tag is under way
+
+
+def save_tag(tag: Optional[str], global_steps: int) -> str:
+    """The tag a save uses: DeepSpeed's default name, or the caller's, which must be a plain name."""
+    tag = f"global_step{global_steps}" if tag is None else str(tag)
+    if not valid_tag(tag):
+        raise ValueError(f"checkpoint tag {tag!r} must be a plain directory name")
+    return tag
 
 
 def checked_facts(facts: dict) -> dict:
@@ -192,6 +189,16 @@ def resolve(save_dir: str, tag: Optional[str] = None) -> tuple[Optional[str], Op
     if not done:
         raise CheckpointError(f"{save_dir}: no complete checkpoint to resume from ({reason})")
     return done[0], f"{reason}; resuming from the newest complete checkpoint, {os.path.join(save_dir, done[0])}"
+
+
+def plan_load(load_dir: str, tag: Optional[str] = None) -> Optional[tuple[str, Optional[str], Optional[dict]]]:
+    """What a load will read: (tag, note for the log, the marker's run facts), or None when there is
+    nothing to load (as DeepSpeed returns (None, None) then). Raises CheckpointError when there is
+    something, but nothing usable."""
+    if tag is None and not has_checkpoint(load_dir):
+        return None
+    tag, note = resolve(load_dir, tag)
+    return tag, note, (read_marker(os.path.join(load_dir, tag)) or {}).get("facts")
 
 
 def check_layout(where: str, saved: Optional[dict], now: dict, zero: bool = False) -> None:

@@ -107,6 +107,20 @@ def own_rng(seed: int) -> Iterator[None]:
         yield
 
 
+def quiet_forward(stage: nn.Module, forward: Callable, x: Any) -> Any:
+    """``forward(stage, x)`` in eval mode and without gradients, leaving every random state and the
+    stage's ``micro_offset`` (DeepSpeed's per-forward seed counter) as they were: a dry run on a
+    sample batch changes nothing that training will see."""
+    was_training, offset = stage.training, stage.micro_offset
+    stage.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=forked_devices()):
+            return forward(stage, x)
+    finally:
+        stage.train(was_training)
+        stage.micro_offset = offset
+
+
 def has_lazy(module: Optional[nn.Module]) -> bool:
     if module is None:
         return False

@@ -97,7 +97,7 @@ class InterlockingPipelineModule(PipelineModule):
         for s in range(self.num_stages):
             if s == self.stage_id and error is None:
                 try:
-                    mine = self._forward_sample(to_device(x, device))
+                    mine = H.quiet_forward(self, PipelineModule.forward, to_device(x, device))
                 except Exception as exc:  # noqa: BLE001 - reported at initialize, naming the stage
                     error = (f"stage {self.stage_id} failed on the sample batch (input {H.StageOutput.of(s, x)}): "
                              f"{type(exc).__name__}: {exc}")
@@ -116,17 +116,6 @@ class InterlockingPipelineModule(PipelineModule):
         if self.stage_id == self.num_stages - 1:
             return None, error
         return mine, error
-
-    def _forward_sample(self, x: Any) -> Any:
-        """The stage's forward in eval mode, without gradients, touching no random or seed state."""
-        was_training, offset = self.training, self.micro_offset
-        self.eval()
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=H.forked_devices()):
-                return PipelineModule.forward(self, x)
-        finally:
-            self.train(was_training)
-            self.micro_offset = offset
 
     def mpu(self):
         # deepspeed.initialize asks for the grid before it builds DeepSpeed's own PipelineEngine,

@@ -15,17 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
-import socket
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
-# The host in temp names, with no '-' so that the name splits back into host, PID and tag.
-_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
-_TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})$")
+from ..files import HOST as _HOST, TEMP_NAME as _TEMP_NAME, atomic_write_bytes, temp_path_for  # noqa: F401 (re-exported)
 # A temp of another host (or of an older name format) is removed only when nothing in it has
 # changed for this long: a live build writes its token file continuously.
 STALE_TEMP_SECONDS = 15 * 60
@@ -76,12 +71,6 @@ def sampled_digest(path: str | os.PathLike, blocks: int = 16, block_size: int = 
             f.seek(offset)
             h.update(f.read(block_size))
     return h.hexdigest()
-
-
-def temp_path_for(path: str | os.PathLike) -> Path:
-    """A unique sibling name, so concurrent writers never share a temp file (host and PID in it)."""
-    p = Path(path)
-    return p.with_name(f".{p.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -146,21 +135,6 @@ def remove_stale_temps(directory: str | os.PathLike, max_age: float = STALE_TEMP
             entry.unlink(missing_ok=True)
         removed.append((entry, why))
     return removed
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(p)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
