@@ -2,13 +2,15 @@
 
     python benchmarks/quality.py --data_dir DIR --out ~/ds_interlock_quality [--steps 300] [--seeds 0 1 2]
     python benchmarks/quality.py --debian_corpus ~/corpora/debian --out ...   # fetch + convert public-domain text
+    python benchmarks/quality.py ... --device cuda --bf16 on --jobs 8         # one GPU, 8 runs at a time
 
 Every run is examples/train_lm.py in one process (--single_process: the same numbers as a launch, see
 the README), on the same data, token budget and evaluation; only the "interlocking" block (k, combine,
 aux_loss_weight) and the seed change. A run whose metrics file is complete is not run again, so an
-interrupted study resumes. Also trains the *shallow* baseline: a model as deep as one stage, trained
+interrupted study resumes. ``--jobs N`` runs N of them at once, each in its own process (a GPU
+is far from busy with one small model; on CPU keep 1). Also trains the *shallow* baseline: a model as deep as one stage, trained
 with global backprop, which the deep global model must clearly beat for the corpus to tell the rules
-apart.
+apart. ``--rank_arm R`` adds, per rule, runs whose aux heads are the low-rank d -> R -> V head.
 
 Writes OUT/quality.json (every run's final held-out losses per head and per-word perplexity, and the
 aggregate per rule: mean and std over seeds), OUT/quality.md (the table) and OUT/quality_*.png:
@@ -23,6 +25,8 @@ unpacks them with `dpkg-deb -x` (no root, nothing installed) and converts the te
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import glob
 import json
 import os
@@ -30,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -98,13 +103,38 @@ def fetch_debian_corpus(out_dir: str) -> str:
 
 
 # ---------------------------------------------------------------- runs
-def run_name(rule, combine, weight, seed, shallow=False):
-    return "shallow_global" + f"_s{seed}" if shallow else f"{rule}_{combine}_w{weight}_s{seed}"
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of the study."""
+    label: str            # the rule's row in the table (seeds aggregate under it)
+    seed: int
+    config: str           # the DeepSpeed config file
+    num_layers: int
+    num_stages: int
+    rank: Optional[int]   # low-rank aux heads, or None for full ones
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}_s{self.seed}"
 
 
-def config_for(rule, combine, weight, out, base_config):
-    with open(base_config) as f:
+def label_of(rule, combine, weight, rank=None):
+    return f"{rule}_{combine}_w{weight}" + (f"_r{rank}" if rank else "")
+
+
+def base_config(args):
+    with open(args.config) as f:
         cfg = json.load(f)
+    if args.micro_batch:
+        cfg["train_micro_batch_size_per_gpu"] = args.micro_batch
+    if args.grad_accum:
+        cfg["gradient_accumulation_steps"] = args.grad_accum
+    cfg.pop("train_batch_size", None)
+    return cfg
+
+
+def config_for(rule, combine, weight, out, args):
+    cfg = base_config(args)
     cfg["interlocking"] = {**cfg.get("interlocking", {}), "k": RULES[rule], "combine": combine,
                            "aux_loss_weight": weight}
     path = os.path.join(out, "configs", f"{rule}_{combine}_w{weight}.json")
@@ -135,31 +165,95 @@ def complete(path, steps):
     return any("eval_loss" in r and r["step"] == steps for r in records(path))
 
 
-def train(args, name, config, seed, num_layers, num_stages):
-    metrics = os.path.join(args.out, "runs", f"{name}.jsonl")
-    if complete(metrics, args.steps):
-        return metrics
-    os.makedirs(os.path.dirname(metrics), exist_ok=True)
-    if os.path.exists(metrics):
-        os.remove(metrics)         # an interrupted run starts over: no checkpoints are kept for the study
+@functools.lru_cache(maxsize=1)
+def _train_lm():
+    """examples/train_lm.py, loaded once for every run of the study."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("train_lm", os.path.join(ROOT, "examples", "train_lm.py"))
-    train_lm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_lm)
-    argv = ["--deepspeed_config", config, "--single_process", "--device", args.device, "--data_dir", args.data_dir,
-            "--model", args.model, "--num_layers", str(num_layers), "--num_stages", str(num_stages),
-            "--vocab_size", str(args.vocab_size), "--seq_len", str(args.seq_len), "--max_steps", str(args.steps),
-            "--eval_interval", str(args.eval_interval), "--eval_batches", str(args.eval_batches),
-            "--seed", str(seed), "--metrics_file", metrics, "--log_interval", str(args.eval_interval)]
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def metrics_path(args, run):
+    return os.path.join(args.out, "runs", f"{run.name}.jsonl")
+
+
+def train_argv(args, run):
+    argv = ["--deepspeed_config", run.config, "--single_process", "--device", args.device,
+            "--data_dir", args.data_dir, "--model", args.model, "--num_layers", str(run.num_layers),
+            "--num_stages", str(run.num_stages), "--vocab_size", str(args.vocab_size), "--seq_len", str(args.seq_len),
+            "--max_steps", str(args.steps), "--eval_interval", str(args.eval_interval),
+            "--eval_batches", str(args.eval_batches), "--seed", str(run.seed), "--metrics_file", metrics_path(args, run),
+            "--log_interval", str(args.eval_interval), "--bf16", args.bf16, "--warmup_steps", str(args.warmup_steps)]
     if args.cache_dir:
         argv += ["--cache_dir", args.cache_dir]
-    if args.aux_head_rank:
-        argv += ["--aux_head_rank", str(args.aux_head_rank)]
-    start = time.time()
-    print(f"[quality] {name}: training {args.steps} steps", flush=True)
-    train_lm.main(argv)
-    print(f"[quality] {name}: {time.time() - start:.0f} s", flush=True)
-    return metrics
+    if args.peak_lr:
+        argv += ["--peak_lr", str(args.peak_lr)]
+    if run.rank:
+        argv += ["--aux_head_rank", str(run.rank)]
+    return argv
+
+
+def fresh(args, run):
+    """True when the run still has to train; an interrupted run's metrics are removed (it starts over:
+    the study keeps no checkpoints)."""
+    path = metrics_path(args, run)
+    if complete(path, args.steps):
+        return False
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):
+        os.remove(path)
+    return True
+
+
+def train_all(args, runs, deadline):
+    """Train every run not yet complete: in this process (--jobs 1) or N processes at a time.
+    No run is started after the deadline; the ones running finish."""
+    todo = [r for r in runs if fresh(args, r)]
+    print(f"[quality] {len(runs) - len(todo)} of {len(runs)} runs already complete; {len(todo)} to train", flush=True)
+    if args.jobs == 1:
+        for run in todo:
+            if time.time() > deadline:
+                print(f"[quality] deadline reached: {run.name} and later runs not started", flush=True)
+                break
+            start = time.time()
+            print(f"[quality] {run.name}: training {args.steps} steps", flush=True)
+            _train_lm().main(train_argv(args, run))
+            print(f"[quality] {run.name}: {time.time() - start:.0f} s", flush=True)
+        return
+    if todo:   # the tokenizer and token caches are built once, before the processes share them
+        from ds_interlock.data import prepare_lm_data
+        prepare_lm_data(args.data_dir, args.cache_dir, vocab_size=args.vocab_size, seq_len=args.seq_len, progress=True)
+    logs = os.path.join(args.out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    running, failed, longest = {}, [], 0.0
+    queue = list(todo)
+    while queue or running:
+        # a run starts only if, judged by the longest run finished so far, it ends by the deadline
+        while queue and len(running) < args.jobs and time.time() + 1.05 * longest <= deadline:
+            run = queue.pop(0)
+            log = open(os.path.join(logs, f"{run.name}.log"), "w")
+            cmd = [sys.executable, os.path.join(ROOT, "examples", "train_lm.py"), *train_argv(args, run)]
+            running[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time())
+            print(f"[quality] started {run.name}", flush=True)
+        if queue and not running and time.time() + 1.05 * longest > deadline:
+            print(f"[quality] deadline: {len(queue)} runs not started", flush=True)
+            break
+        time.sleep(2)
+        for run, (proc, log, start) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[run]
+                ok = proc.returncode == 0 and complete(metrics_path(args, run), args.steps)
+                longest = max(longest, time.time() - start)
+                if not ok:
+                    failed.append(run.name)
+                print(f"[quality] {run.name}: {'done' if ok else f'FAILED (exit {proc.returncode})'} in "
+                      f"{time.time() - start:.0f} s ({len(queue)} queued, {len(running)} running)", flush=True)
+    if failed:
+        print(f"[quality] failed runs (logs in {logs}): {', '.join(failed)}", flush=True)
 
 
 # ---------------------------------------------------------------- results
@@ -179,8 +273,9 @@ def step_time(rule, combine, S, M, costs=None):
 
 def summarize(args, runs):
     rows, per_rule = [], {}
-    for (label, seed), path in runs.items():
-        recs = records(path)
+    for run in runs:
+        label, seed = run.label, run.seed
+        recs = records(metrics_path(args, run))
         final = [r for r in recs if "eval_loss" in r and r["step"] == args.steps]
         if not final:
             continue
@@ -229,7 +324,7 @@ def plots(args, rows, tokens_per_step, out):
                 if label.startswith("shallow"):
                     continue
                 S = int(scale.split("S")[1])
-                rule, combine = label.split("_")[0], label.split("_")[1]
+                rule, combine = label.split("_")[0], label.split("_")[1]   # the time model ignores head rank
                 rel = step_time(rule, combine, S, args.time_micro_batches, args.costs)
                 x = [s * rel for s in steps]
             ax.plot(x, ppl, marker="o", ms=3, label=label)
@@ -245,6 +340,34 @@ def plots(args, rows, tokens_per_step, out):
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plan(args):
+    """Every run of the study, in training order: a study cut short then has whole comparisons. First
+    the baselines and every rule at the first combine mode and weight, for all seeds; then the low-rank
+    arm of local; then the other modes and weights; last, local's other combine modes (at k = 1 the
+    combine mode changes nothing: the same math)."""
+    runs, tier = [], {}
+    for seed in args.seeds:
+        for rule in args.rules:
+            for combine in (["furthest"] if rule == "global" else args.combine):
+                for w in ([1.0] if rule == "global" else args.weights):
+                    config = config_for(rule, combine, w, args.out, args)
+                    runs.append(Run(label_of(rule, combine, w), seed, config, args.num_layers, args.num_stages, None))
+                    first = rule == "global" or (combine, w) == (args.combine[0], args.weights[0])
+                    tier[runs[-1]] = 0 if first else 4 if rule == "local" and combine != args.combine[0] else 2
+        for rank in args.rank_arm:
+            for rule in (r for r in args.rules if r != "global"):   # global's heads are probes: rank is moot
+                combine, w = args.combine[0], args.weights[0]
+                config = config_for(rule, combine, w, args.out, args)
+                runs.append(Run(label_of(rule, combine, w, rank), seed, config, args.num_layers, args.num_stages, rank))
+                tier[runs[-1]] = 1 if rule == "local" else 3
+        if not args.no_shallow:
+            layers = max(1, args.num_layers // args.num_stages)
+            config = config_for("global", "furthest", 1.0, args.out, args)
+            runs.append(Run("shallow_global", seed, config, layers, min(2, layers) if layers > 1 else 1, None))
+            tier[runs[-1]] = 0
+    return sorted(runs, key=lambda r: (tier[r], r.seed))
 
 
 def main(argv=None):
@@ -265,7 +388,17 @@ def main(argv=None):
     p.add_argument("--num_stages", type=int, default=4)
     p.add_argument("--vocab_size", type=int, default=8000)
     p.add_argument("--seq_len", type=int, default=64)
-    p.add_argument("--aux_head_rank", type=int, default=None)
+    p.add_argument("--rank_arm", nargs="*", type=int, default=[],
+                   help="also train every rule (first combine and weight) with low-rank aux heads of these ranks")
+    p.add_argument("--micro_batch", type=int, default=None, help="override the config's micro-batch size")
+    p.add_argument("--grad_accum", type=int, default=None, help="override the config's micro-batches per step")
+    p.add_argument("--peak_lr", type=float, default=None, help="train_lm.py --peak_lr (None: the config's)")
+    p.add_argument("--warmup_steps", default="auto", help="train_lm.py --warmup_steps")
+    p.add_argument("--bf16", default="off", choices=("auto", "on", "off"), help="train_lm.py --bf16")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    p.add_argument("--deadline_s", type=float, default=None,
+                   help="finish within this many seconds: start no run that, judged by the runs finished so far, "
+                        "would end later (the table then has what is complete)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--config", default=os.path.join(ROOT, "ds_configs", "global.json"))
     p.add_argument("--costs", default=None, help="measured per-action costs (benchmarks/throughput.py --costs_out)")
@@ -277,26 +410,13 @@ def main(argv=None):
         p.error("give --data_dir or --debian_corpus")
     if args.debian_corpus:
         args.data_dir = fetch_debian_corpus(args.debian_corpus)
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
-    runs = {}
-    for seed in args.seeds:
-        for rule in args.rules:
-            combines = ["furthest"] if rule == "global" else args.combine
-            for combine in combines:
-                weights = [1.0] if rule == "global" else args.weights
-                for w in weights:
-                    config = config_for(rule, combine, w, args.out, args.config)
-                    label = f"{rule}_{combine}_w{w}"
-                    runs[(label, seed)] = train(args, run_name(rule, combine, w, seed), config, seed,
-                                                args.num_layers, args.num_stages)
-        if not args.no_shallow:
-            shallow_layers = max(1, args.num_layers // args.num_stages)
-            config = config_for("global", "furthest", 1.0, args.out, args.config)
-            runs[("shallow_global", seed)] = train(args, run_name("global", "", 0, seed, shallow=True), config, seed,
-                                                   shallow_layers, min(2, shallow_layers) if shallow_layers > 1 else 1)
-    with open(args.config) as f:
-        base = json.load(f)
+    runs = plan(args)
+    train_all(args, runs, start + args.deadline_s if args.deadline_s else float("inf"))
+    base = base_config(args)
     tokens_per_step = base["train_micro_batch_size_per_gpu"] * base.get("gradient_accumulation_steps", 1) * args.seq_len
     rows, agg = summarize(args, runs)
     table = markdown(args, agg, tokens_per_step * args.steps)

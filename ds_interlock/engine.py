@@ -154,9 +154,7 @@ class InterlockingPipelineEngine(PipelineEngine):
         """DeepSpeed's save, made atomic: the checkpoint counts (commit marker, then ``latest``) only
         once every rank has written its files (checkpoints.py). ``client_state["run"]``, if given,
         goes into the marker with the engine's own facts."""
-        tag = f"global_step{self.global_steps}" if tag is None else str(tag)
-        if not checkpoints.valid_tag(tag):
-            raise ValueError(f"checkpoint tag {tag!r} must be a plain directory name")
+        tag = checkpoints.save_tag(tag, self.global_steps)
         client_state = dict(client_state or {})
         facts = checkpoints.checked_facts({**self.run_facts(), **(client_state.get("run") or {})})  # every rank
         if self.global_rank == 0:
@@ -180,21 +178,16 @@ class InterlockingPipelineEngine(PipelineEngine):
         verdict = [None]
         if self.global_rank == 0:
             try:
-                if tag is None and not checkpoints.has_checkpoint(load_dir):
-                    verdict = [("none", None, None, None)]
-                else:
-                    found, note = checkpoints.resolve(load_dir, tag)
-                    facts = (checkpoints.read_marker(os.path.join(load_dir, found)) or {}).get("facts")
-                    verdict = [("ok", found, note, facts)]
+                verdict = [checkpoints.plan_load(load_dir, tag)]
             except checkpoints.CheckpointError as exc:
-                verdict = [("error", str(exc), None, None)]
+                verdict = [str(exc)]
         dist.broadcast_object_list(verdict, src=0)
-        kind, tag, note, facts = verdict[0]
-        if kind == "none":
+        if verdict[0] is None:
             logger.warning(f"ds_interlock: no checkpoint in {load_dir} to load")
             return None, None      # as DeepSpeed's load_checkpoint does when there is none
-        if kind == "error":
-            raise checkpoints.CheckpointError(tag)
+        if isinstance(verdict[0], str):
+            raise checkpoints.CheckpointError(verdict[0])
+        tag, note, facts = verdict[0]
         if note and self.global_rank == 0:
             print(f"ds_interlock: {note}", flush=True)
         self.loaded_checkpoint_facts = facts
@@ -269,10 +262,10 @@ class InterlockingPipelineEngine(PipelineEngine):
                 if self.executor.handles(act):
                     self.executor.execute(act, ctx)
                 else:
-                    t0 = time.perf_counter()
+                    t0 = ctx.clock() if profile is not None else 0.0
                     self._batch_actions[act.op]()
                     if profile is not None:
-                        profile.append((act.op, act.mb, act.loss, t0, time.perf_counter()))
+                        profile.append((act.op, act.mb, act.loss, t0, ctx.clock()))
         except BaseException:
             # never wait on peers after a failure: this rank is going down, and waiting
             # for a send to a rank that is itself blocked would hang the job

@@ -135,16 +135,10 @@ def _prepare_heads(stages: list, heads: list, seeds: list, factory: Callable, sa
     x = inputs
     for s, stage in enumerate(stages[:-1]):
         device = next(iter(stage.parameters()), torch.empty(0)).device
-        was, offset = stage.training, stage.micro_offset
-        stage.eval()
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=H.forked_devices()):
-                x = stage(to_device(x, device))
+            x = H.quiet_forward(stage, type(stage).forward, to_device(x, device))
         except Exception as exc:
             raise InterlockingConfigError(f"stage {s} failed on the sample batch: {type(exc).__name__}: {exc}") from exc
-        finally:
-            stage.train(was)
-            stage.micro_offset = offset
         if heads[s] is None:
             heads[s] = H.build(factory, s, seeds[s], H.StageOutput.of(s, x))
         H.dry_run(s, heads[s], x, labels, aux_loss_fn, seeds[s])
@@ -159,9 +153,13 @@ def ensure_process_group(backend: Optional[str] = None) -> None:
     from .launching import free_port
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
+    # DeepSpeed names its CPU shared-memory buffers after the port; nothing listens on it: an
+    # in-memory store needs no socket, so runs started side by side cannot race for a port
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
-                               auto_mpi_discovery=False)
+    # with a GPU present, CPU tensors (a CPU pipeline, or DeepSpeed's own CPU collectives) go to gloo
+    backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
 class InProcessPipeline:
@@ -258,6 +256,8 @@ class InProcessPipeline:
         self.stage_losses: Optional[list] = None
         self.stage_losses_step: Optional[int] = None   # the step stage_losses belong to (as the engine's)
         self.eval_stage_losses: Optional[list] = None
+        # a list per stage (set ``pipe.profile = [[] for _ in range(S)]``): (op, mb, loss, start, end)
+        # per executed action, as on a rank of the engine (profile.py summarizes one stage's list)
         self.profile: Optional[list] = None
 
     # ------------------------------------------------------------------ construction
@@ -343,7 +343,9 @@ class InProcessPipeline:
             raise TypeError(f"data_iter must be an iterator (e.g. iter(loader)), got {type(data_iter).__name__}: "
                             "a new iterator per batch would start the data over every time")
         self._data, self._run_micro_batches = data_iter, M
-        ctxs = [ex.start(training, M, self.devices[s], profile=self.profile)
+        if self.profile is not None and len(self.profile) != len(self.executors):
+            raise ValueError(f"profile needs one list per stage ({len(self.executors)}), got {len(self.profile)}")
+        ctxs = [ex.start(training, M, self.devices[s], profile=None if self.profile is None else self.profile[s])
                 for s, ex in enumerate(self.executors)]
         try:
             for s, act in self._order(kind, M):
@@ -413,9 +415,7 @@ class InProcessPipeline:
 
     def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None) -> None:
         """DeepSpeed's save of every stage and head, counted complete only once written (checkpoints.py)."""
-        tag = f"global_step{self.global_steps}" if tag is None else str(tag)
-        if not checkpoints.valid_tag(tag):
-            raise ValueError(f"checkpoint tag {tag!r} must be a plain directory name")
+        tag = checkpoints.save_tag(tag, self.global_steps)
         client_state = dict(client_state or {})
         facts = checkpoints.checked_facts({**self.run_facts(), **(client_state.get("run") or {})})
         checkpoints.begin(save_dir, tag)
@@ -425,13 +425,13 @@ class InProcessPipeline:
 
     def load_checkpoint(self, load_dir: str, tag: Optional[str] = None) -> tuple:
         """The checkpoint ``tag``, else ``latest``'s if complete, else the newest complete one."""
-        if tag is None and not checkpoints.has_checkpoint(load_dir):
+        plan = checkpoints.plan_load(load_dir, tag)
+        if plan is None:
             print(f"ds_interlock: no checkpoint in {load_dir} to load", flush=True)
             return None, None
-        tag, note = checkpoints.resolve(load_dir, tag)
+        tag, note, self.loaded_checkpoint_facts = plan
         if note:
             print(f"ds_interlock: {note}", flush=True)
-        self.loaded_checkpoint_facts = (checkpoints.read_marker(os.path.join(load_dir, tag)) or {}).get("facts")
         checkpoints.check_layout(os.path.join(load_dir, tag), self.loaded_checkpoint_facts, self.run_facts())
         path, client = self.engine.load_checkpoint(load_dir, tag=tag)
         if client and "rng" in client:

@@ -54,7 +54,9 @@ class ActivationMeter:
 
 def summarize(records):
     """records: one stage's profile list over one or more batches ->
-    dict(wall, busy, idle, idle_fraction, costs={op: mean seconds}, peak_activation_bytes)."""
+    dict(wall, busy, idle, idle_fraction, costs={op: mean seconds}, peak_activation_bytes).
+
+    ``costs["forward"]`` excludes the aux head, whose forward and backward is ``costs["aux_head"]``."""
     actions = [r for r in records if r[0] != "peak_activation_bytes"]
     if not actions:
         return {}
@@ -64,6 +66,9 @@ def summarize(records):
     for op, _, _, b, e in actions:
         totals[op] = totals.get(op, 0.0) + (e - b)
         counts[op] = counts.get(op, 0) + 1
+    if "aux_head" in totals and "forward" in totals:
+        # the head runs inside "forward"; the cost model charges the two apart
+        totals["forward"] -= totals["aux_head"]
     peaks = [r[3] for r in records if r[0] == "peak_activation_bytes"]
     return {"wall": wall, "busy": busy, "idle": wall - busy, "idle_fraction": 1 - busy / wall if wall else 0.0,
             "costs": {op: totals[op] / counts[op] for op in totals},

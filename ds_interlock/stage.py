@@ -121,6 +121,12 @@ class RunContext:
     profile: Optional[list] = None                   # (op, mb, loss, start, end) per action
     meter: Any = None                                # profile.ActivationMeter while profiling
 
+    def clock(self) -> float:
+        """Profiling time stamp; on a GPU after the queued work is done (else it times launches only)."""
+        if self.loss_sum.is_cuda:
+            torch.cuda.synchronize(self.loss_sum.device)
+        return time.perf_counter()
+
 
 class StageExecutor:
     """Runs one stage's actions (actions.py) with the gradient math of routing.py."""
@@ -157,7 +163,7 @@ class StageExecutor:
         if ctx.profile is None:
             self._dispatch[action.op](action, ctx)
             return
-        t0 = time.perf_counter()
+        t0 = ctx.clock()
         if action.op == "forward" and ctx.meter is not None:   # what forward saves is the activation memory
             ctx.meter.current = action.mb
             with ctx.meter:
@@ -166,7 +172,7 @@ class StageExecutor:
             self._dispatch[action.op](action, ctx)
         if action.op == "weight_grad" and ctx.meter is not None:
             ctx.meter.release(action.mb)
-        ctx.profile.append((action.op, action.mb, action.loss, t0, time.perf_counter()))
+        ctx.profile.append((action.op, action.mb, action.loss, t0, ctx.clock()))
 
     def handles(self, action: Action) -> bool:
         return action.op in self._dispatch
@@ -225,11 +231,12 @@ class StageExecutor:
             return
         st.roots = [t for t in as_list(out)[0] if t.is_floating_point()]
         if self.head is not None:
-            self._aux_forward_backward(st, out, ctx)
+            self._aux_forward_backward(st, out, ctx, act.mb)
 
-    def _aux_forward_backward(self, st: MicroBatch, out: Any, ctx: RunContext) -> None:
+    def _aux_forward_backward(self, st: MicroBatch, out: Any, ctx: RunContext, mb: int) -> None:
         """The head's loss, its own gradient, and the component dL_s/dh_s if the stage needs it."""
         s = self.stage_id
+        t0 = ctx.clock() if ctx.profile is not None else 0.0
         z, z_leaves = float_leaves(out)
         with self._not_metered(ctx):    # the head's activations are freed by its backward right here
             loss = self._head_loss(z, st.labels, ctx)
@@ -247,6 +254,8 @@ class StageExecutor:
                     f"its input, or use torch.no_grad?): with k={self.routing.k} this stage's own loss would send it "
                     "no gradient at all")
             st.comps[s] = grads_or_zeros(grads, z_leaves)
+        if ctx.profile is not None:     # part of "forward" too: the cost model charges it on its own
+            ctx.profile.append(("aux_head", mb, -1, t0, ctx.clock()))
 
     def _head_loss(self, x: Any, labels: Any, ctx: RunContext) -> Tensor:
         with self.hooks.autocast():

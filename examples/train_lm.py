@@ -149,9 +149,12 @@ def parse_args(argv=None):
     return args
 
 
-def bf16_wanted(mode):
+def bf16_wanted(mode, device="auto"):
+    """auto: on when the job runs on a CUDA device with bf16 (a --device cpu job on a GPU machine stays
+    in float32: DeepSpeed's bf16 optimizer would keep its copies on the GPU)."""
     if mode == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        on_gpu = device == "auto" or str(device).startswith("cuda")
+        return on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return mode == "on"
 
 
@@ -250,7 +253,7 @@ def load_config(args, max_steps):
     cfg = read_config(args.deepspeed_config)
     cfg.setdefault("interlocking", {}).setdefault("p2p_timeout_s", args.timeout_s)
     cfg.setdefault("bf16", {})
-    cfg["bf16"]["enabled"] = bf16_wanted(args.bf16)
+    cfg["bf16"]["enabled"] = bf16_wanted(args.bf16, args.device if args.single_process else "auto")
     schedule_note = set_warmup(cfg, args.warmup_steps, max_steps, args.peak_lr)
     return cfg, schedule_note
 
@@ -314,12 +317,8 @@ def drop_records_after(path, step):
             or not (isinstance(r.get("step"), (int, float)) and r["step"] > step)]
     if len(keep) == len(lines):
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-        f.writelines(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from ds_interlock.files import atomic_write_bytes
+    atomic_write_bytes(path, "".join(keep).encode("utf-8", errors="surrogateescape"))
 
 
 def ends_in_newline(path):
@@ -464,16 +463,16 @@ def main(argv=None):
            "vocab_size": data.vocab_size, "seq_len": seq_len, "model": args.model, "arch": parts.arch,
            "num_layers": parts.num_decoder_layers, "micro_batch": micro}
     consumed, elapsed_before = 0, 0.0
-    if args.save_dir and checkpoints.has_checkpoint(args.save_dir):
-        try:
-            tag, note = checkpoints.resolve(args.save_dir)
-        except checkpoints.CheckpointError as exc:
-            raise SystemExit(str(exc)) from None
+    try:
+        plan = checkpoints.plan_load(args.save_dir) if args.save_dir else None
+    except checkpoints.CheckpointError as exc:
+        raise SystemExit(str(exc)) from None
+    if plan is not None:
+        tag, note, saved = plan
         if note and rank == 0:
             print(f"ds_interlock: {note}", flush=True)
         check_checkpoint_kind(os.path.join(args.save_dir, tag), args.single_process)
-        saved = (checkpoints.read_marker(os.path.join(args.save_dir, tag)) or {}).get("facts") or {}
-        changes = run_changes(saved, {**engine.run_facts(), **run})
+        changes = run_changes(saved or {}, {**engine.run_facts(), **run})
         if changes and not args.allow_run_change:
             raise SystemExit(f"{os.path.join(args.save_dir, tag)} was written by a different run:\n  "
                              + "\n  ".join(changes) + "\nresume with the same settings, use another --save_dir, or "

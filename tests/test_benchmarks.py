@@ -45,21 +45,29 @@ def test_aux_head_cost_benchmark_runs(tmp_path):
 
 
 def test_quality_study_harness_runs_and_resumes(tmp_path):
-    """Two rules x two seeds plus the shallow baseline, 2 steps each, on the sample corpus; a second call
-    trains nothing (every run complete) and rebuilds the same table."""
+    """Two rules x two seeds, a low-rank arm and the shallow baseline, 2 steps each, on the sample corpus,
+    two runs at a time in their own processes. A second call trains nothing (every run complete) and
+    rebuilds the same table; a run trained again in this process gives the same numbers as before."""
     from ds_interlock.data.sample import write_sample_corpus
     corpus = write_sample_corpus(tmp_path / "corpus", num_train_shards=1, sentences_per_shard=1500)
     args = [sys.executable, "benchmarks/quality.py", "--data_dir", str(corpus), "--out", str(tmp_path / "q"),
             "--cache_dir", str(tmp_path / "cache"), "--rules", "local", "global", "--combine", "furthest",
             "--weights", "1.0", "--seeds", "0", "1", "--steps", "2", "--eval_interval", "2", "--eval_batches", "2",
-            "--model", "tiny", "--num_layers", "4", "--num_stages", "2", "--vocab_size", "200", "--seq_len", "16"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+            "--model", "tiny", "--num_layers", "4", "--num_stages", "2", "--vocab_size", "200", "--seq_len", "16",
+            "--rank_arm", "4"]
+    proc = subprocess.run(args + ["--jobs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "8 to train" in proc.stdout and proc.stdout.count(": done in") == 8
     data = json.loads((tmp_path / "q" / "quality.json").read_text())
-    assert set(data["aggregate"]) == {"local_furthest_w1.0", "global_furthest_w1.0", "shallow_global"}
+    assert set(data["aggregate"]) == {"local_furthest_w1.0", "global_furthest_w1.0", "local_furthest_w1.0_r4",
+                                      "shallow_global"}
     assert all(a["seeds"] == 2 and a["word_ppl_mean"] > 0 for a in data["aggregate"].values())
     assert all(len(r["stage_loss"]) == 2 for r in data["runs"])
     assert (tmp_path / "q" / "quality_time_S8.png").stat().st_size > 0
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "[quality]" not in again.stdout   # nothing trained again
+    assert again.returncode == 0 and "0 to train" in again.stdout and ": training" not in again.stdout
+    assert json.loads((tmp_path / "q" / "quality.json").read_text())["aggregate"] == data["aggregate"]
+    (tmp_path / "q" / "runs" / "local_furthest_w1.0_r4_s1.jsonl").unlink()
+    third = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0 and "1 to train" in third.stdout
     assert json.loads((tmp_path / "q" / "quality.json").read_text())["aggregate"] == data["aggregate"]

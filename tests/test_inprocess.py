@@ -16,16 +16,21 @@ from ds_interlock import InProcessPipeline
 from ds_interlock.config import InterlockingConfigError
 
 TOL = 1e-5
+# The gradient matrix runs on CPU and, where one is present, on a CUDA device (the single-process
+# path is how the stages meet a real GPU; the reference stays on CPU in float32).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="no CUDA device"))]
+TOL_ON = {"cpu": TOL, "cuda": 1e-4}    # GPU kernels sum in other orders
 
 
 def make(S, k, combine="furthest", M=2, w=1.0, tied=False, ckpt=0, schedule="interlocked", heads=True,
-         lr=1.0, clip=0.0, extra=None, **kwargs):
+         lr=1.0, clip=0.0, extra=None, device="cpu", **kwargs):
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": M, "gradient_clipping": clip,
            "interlocking": {"k": k, "combine": combine, "aux_loss_weight": w, "schedule": schedule}}
     cfg.update(extra or {})
     kwargs.setdefault("optimizer", lambda params: torch.optim.SGD(params, lr=lr))
     return InProcessPipeline(tm.layer_specs(tied=tied), S, tm.loss_fn, aux_head=tm.aux_head() if heads else None,
-                             config=cfg, devices="cpu", partition_method="uniform",
+                             config=cfg, devices=device, partition_method="uniform",
                              activation_checkpoint_interval=ckpt, **kwargs)
 
 
@@ -44,7 +49,7 @@ def worst_error(pipe, init, new, stages=None):
     errors = {}
     for s in range(pipe.num_stages):
         for name, p in pipe.stage_parameters(s).items():
-            want, got = new[name] - init[name], p.detach().float() - init[name]
+            want, got = new[name] - init[name], p.detach().float().cpu() - init[name]
             scale = want.norm().item()
             errors[(s, name)] = (got - want).norm().item() / scale if scale > 0 else got.norm().item()
     assert {n for _, n in errors} == set(new)
@@ -52,8 +57,8 @@ def worst_error(pipe, init, new, stages=None):
 
 
 def one_step(S, k, combine="furthest", M=2, w=1.0, tied=False, ckpt=0, schedule="interlocked", heads=True,
-             ref_k=None):
-    pipe = make(S, k, combine, M, w, tied, ckpt, schedule, heads)
+             ref_k=None, device="cpu"):
+    pipe = make(S, k, combine, M, w, tied, ckpt, schedule, heads, device=device)
     batches = [[tm.batch(0, 0, m) for m in range(M)]]
     init, new = ref.reference_step(tm.layer_specs(tied=tied), parts_of(pipe), ref_k or pipe.routing.k, combine, w,
                                    batches, heads=heads)
@@ -65,11 +70,12 @@ MATRIX = [(S, k, c, n) for S in (2, 3, 4) for k in range(1, S + 1) for c in ("fu
           for n in ("1f1b", "interlocked")]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("S, k, combine, schedule", MATRIX)
-def test_gradients_match_reference(S, k, combine, schedule):
-    _, err = one_step(S, k, combine, schedule=schedule)
-    metrics.GRADIENT_ERRORS[f"inprocess_S{S}_k{k}_{combine}_{schedule}"] = err
-    assert err < TOL
+def test_gradients_match_reference(S, k, combine, schedule, device):
+    _, err = one_step(S, k, combine, schedule=schedule, device=device)
+    metrics.GRADIENT_ERRORS[f"inprocess_{device}_S{S}_k{k}_{combine}_{schedule}".replace("_cpu", "")] = err
+    assert err < TOL_ON[device]
 
 
 @pytest.mark.parametrize("case", [
@@ -79,10 +85,12 @@ def test_gradients_match_reference(S, k, combine, schedule):
     dict(S=4, k=3, combine="furthest", ckpt=1), dict(S=4, k=2, combine="sum", ckpt=2, tied=True),
     dict(S=2, k="global", combine="furthest", M=1, heads=False), dict(S=3, k=5, combine="sum")],
     ids=lambda c: "_".join(f"{a}{b}" for a, b in c.items()))
-def test_gradients_weights_tied_checkpointing(case):
-    _, err = one_step(**case)
-    metrics.GRADIENT_ERRORS["inprocess_" + "_".join(f"{a}{b}" for a, b in case.items())] = err
-    assert err < TOL
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_weights_tied_checkpointing(case, device):
+    _, err = one_step(**case, device=device)
+    name = "_".join(f"{a}{b}" for a, b in case.items())
+    metrics.GRADIENT_ERRORS[f"inprocess_{device}_{name}".replace("_cpu", "")] = err
+    assert err < TOL_ON[device]
 
 
 def test_the_comparison_can_fail():
@@ -153,32 +161,34 @@ def test_optimizer_and_our_lr_schedule_from_the_config():
     assert "Adam" in type(pipe.optimizer).__name__    # the config's optimizer, built by DeepSpeed
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tied", [False, True])
-def test_bf16_within_rounding(tied):
+def test_bf16_within_rounding(tied, device):
     """bf16 parameters and activations: the same algorithm within bf16 rounding; tied copies
     get the summed gradient from the optimizer's fp32 copies."""
-    pipe = make(3, 2, "sum", tied=tied, extra={"bf16": {"enabled": True}})
+    pipe = make(3, 2, "sum", tied=tied, extra={"bf16": {"enabled": True}}, device=device)
     batches = [[tm.batch(0, 0, m) for m in range(2)]]
     init, new = ref.reference_step(tm.layer_specs(tied=tied), parts_of(pipe), 2, "sum", 1.0, batches)
     pipe.train_batch(iter(batches[0]))
     err = worst_error(pipe, init, new)
-    metrics.GRADIENT_ERRORS[f"inprocess_bf16_S3_k2_sum_tied{tied}"] = err
+    metrics.GRADIENT_ERRORS[f"inprocess_{device}_bf16_S3_k2_sum_tied{tied}".replace("_cpu", "")] = err
     assert err < 0.05
     if tied:
         copies = [pipe.stage_parameters(s)["tied_modules.emb.weight"] for s in (0, 2)]
         assert torch.equal(copies[0], copies[1])
 
 
-def test_checkpoint_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpoint_resume_continues_exactly(tmp_path, device):
     extra = {"optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}}}
     data = [[tm.batch(step, 0, m) for m in range(2)] for step in range(4)]
-    full = make(2, 1, "sum", extra=extra, optimizer=None)
+    full = make(2, 1, "sum", extra=extra, optimizer=None, device=device)
     losses = [full.train_batch(iter(b)) for b in data]
-    first = make(2, 1, "sum", extra=extra, optimizer=None)
+    first = make(2, 1, "sum", extra=extra, optimizer=None, device=device)
     for b in data[:2]:
         first.train_batch(iter(b))
     first.save_checkpoint(str(tmp_path), client_state={"note": 7})
-    second = make(2, 1, "sum", extra=extra, optimizer=None)
+    second = make(2, 1, "sum", extra=extra, optimizer=None, device=device)
     _, client = second.load_checkpoint(str(tmp_path))
     assert client["note"] == 7 and second.global_steps == 2
     assert [second.train_batch(iter(b)) for b in data[2:]] == pytest.approx(losses[2:], rel=1e-6)

@@ -179,3 +179,41 @@ def test_plot_metrics(tmp_path):
     for p in written:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
+def test_single_process_on_a_gpu_in_bf16(tmp_path, corpus):
+    """The recipe on one GPU (bf16, every stage on it): it learns, its first loss matches the CPU
+    float32 job within bf16 rounding, and a resume on the GPU repeats the steps it replays."""
+    train_lm = load_example("train_lm")
+    cpu, gpu = tmp_path / "cpu.jsonl", tmp_path / "gpu.jsonl"
+    train_lm.main(job_args(tmp_path, corpus, 1, tmp_path / "cpu_ckpt", cpu) + ["--single_process", "--device", "cpu"])
+    gpu_args = job_args(tmp_path, corpus, 12, tmp_path / "gpu_ckpt", gpu) + ["--single_process", "--device", "cuda",
+                                                                             "--bf16", "on"]
+    train_lm.main(gpu_args)
+    first, one = train_lines(read_lines(gpu)), train_lines(read_lines(cpu))
+    assert [r["step"] for r in first] == list(range(1, 13))
+    assert first[0]["loss"] == pytest.approx(one[0]["loss"], rel=3e-2)
+    assert first[0]["aux_losses"] == pytest.approx(one[0]["aux_losses"], rel=3e-2)
+    assert first[-1]["loss"] < first[0]["loss"] - 0.1, "no learning on the GPU"
+    assert all(math.isfinite(r["eval_loss"]) for r in eval_lines(read_lines(gpu)))
+    (tmp_path / "gpu_ckpt" / "latest").write_text("global_step10")
+    train_lm.main(gpu_args)
+    again = train_lines(read_lines(gpu))
+    for a, b in zip(first[10:12], again[10:12]):
+        assert b["step"] == a["step"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2)
+
+
+def test_bf16_auto_follows_the_device(monkeypatch):
+    """On a GPU machine, --bf16 auto is on for the GPU and off for a --device cpu job (DeepSpeed's bf16
+    optimizer would put its copies on the GPU and fail)."""
+    import torch
+    train_lm = load_example("train_lm")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert train_lm.bf16_wanted("auto", "auto") and train_lm.bf16_wanted("auto", "cuda:0")
+    assert not train_lm.bf16_wanted("auto", "cpu")
+    assert train_lm.bf16_wanted("on", "cpu") and not train_lm.bf16_wanted("off", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not train_lm.bf16_wanted("auto", "auto")
