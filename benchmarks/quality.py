@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import glob
 import json
+import re
 import os
 import statistics
 import subprocess
@@ -257,13 +258,15 @@ def train_all(args, runs, deadline):
 
 
 # ---------------------------------------------------------------- results
-def step_time(rule, combine, S, M, costs=None):
-    """Simulated step time of the rule's schedule (stage-local step), relative to global 1F1B."""
+def step_time(rule, combine, S, M, costs=None, head="full"):
+    """Simulated step time of the rule's schedule (stage-local step), relative to global 1F1B.
+    ``costs``: a measured cost file; "{S}" and "{head}" in its name pick the profile of S stages and
+    of the aux head ("full" or the low rank)."""
     from ds_interlock.replay import unit_cost
     from ds_interlock.routing import Routing
     from ds_interlock.schedule import interlocked, one_f_one_b
     from ds_interlock.simulate import cost_from_json, simulate
-    cost = cost_from_json(costs) if costs else unit_cost
+    cost = cost_from_json(costs.format(S=S, head=head)) if costs else unit_cost
     k = S if RULES[rule] == "global" else RULES[rule]
     base = simulate(one_f_one_b(Routing(S, S, "furthest"), M), cost=cost, flush=True).step_time
     if rule == "global":
@@ -305,6 +308,23 @@ def markdown(args, agg, tokens):
     return "\n".join(lines) + "\n"
 
 
+RULE_COLORS = {"local": "tab:green", "pairwise": "tab:red", "3wise": "tab:blue", "global": "tab:orange",
+               "shallow": "tab:gray"}
+
+
+def line_style(label):
+    """Colour by rule; dashed for combine "sum", square markers for the second weight, dotted for low rank."""
+    rule = label.split("_")[0]
+    style = {"color": RULE_COLORS.get(rule, "black"), "marker": "o", "ms": 3, "linestyle": "-"}
+    if "_sum_" in label:
+        style["linestyle"] = "--"
+    if re.search(r"_w(?!1\.0)", label):
+        style["marker"] = "s"
+    if re.search(r"_r\d+$", label):
+        style["linestyle"] = ":"
+    return style
+
+
 def plots(args, rows, tokens_per_step, out):
     import matplotlib
     matplotlib.use("Agg")
@@ -324,10 +344,12 @@ def plots(args, rows, tokens_per_step, out):
                 if label.startswith("shallow"):
                     continue
                 S = int(scale.split("S")[1])
-                rule, combine = label.split("_")[0], label.split("_")[1]   # the time model ignores head rank
-                rel = step_time(rule, combine, S, args.time_micro_batches, args.costs)
+                rule, combine = label.split("_")[0], label.split("_")[1]
+                rank = re.search(r"_r(\d+)$", label)
+                head = rank.group(1) if rank else "full"
+                rel = step_time(rule, combine, S, args.time_micro_batches, args.costs, head)
                 x = [s * rel for s in steps]
-            ax.plot(x, ppl, marker="o", ms=3, label=label)
+            ax.plot(x, ppl, label=label, **line_style(label))
         ax.set_yscale("log")
         ax.set_ylabel("held-out word perplexity (mean over seeds)")
         ax.set_xlabel("training tokens" if scale == "tokens" else
@@ -401,10 +423,14 @@ def main(argv=None):
                         "would end later (the table then has what is complete)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--config", default=os.path.join(ROOT, "ds_configs", "global.json"))
-    p.add_argument("--costs", default=None, help="measured per-action costs (benchmarks/throughput.py --costs_out)")
+    p.add_argument("--costs", default=None,
+                   help="measured per-action costs (benchmarks/stage_costs.py); '{S}' and '{head}' in the name "
+                        "are replaced by the stage count and the aux head ('full' or its rank)")
     p.add_argument("--time_stages", nargs="*", type=int, default=[4, 8])
     p.add_argument("--time_micro_batches", type=int, default=8)
     p.add_argument("--no_shallow", action="store_true")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: the table and plots of the runs complete in --out (e.g. copied from a GPU)")
     args = p.parse_args(argv)
     if not args.data_dir and not args.debian_corpus:
         p.error("give --data_dir or --debian_corpus")
@@ -415,7 +441,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
     runs = plan(args)
-    train_all(args, runs, start + args.deadline_s if args.deadline_s else float("inf"))
+    if not args.report_only:
+        train_all(args, runs, start + args.deadline_s if args.deadline_s else float("inf"))
     base = base_config(args)
     tokens_per_step = base["train_micro_batch_size_per_gpu"] * base.get("gradient_accumulation_steps", 1) * args.seq_len
     rows, agg = summarize(args, runs)
