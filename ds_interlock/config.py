@@ -33,6 +33,7 @@ class InterlockingConfig:
     clip_scope: str = "deepspeed"   # "stage": clip each stage by its own gradient norm (no cross-stage barrier)
     report: str = "sync"            # "async": per-stage losses arrive one batch late, without a barrier
     p2p_timeout_s: object = None    # seconds a pipeline receive may wait before the job fails; None = DeepSpeed's
+    batch_input_grads: object = False   # True / "auto": consecutive input-gradient chains of a micro-batch in one call
 
     def resolve_k(self, num_stages: int) -> int:
         """k as an integer in 1..S (k > S behaves exactly like k = S)."""
@@ -101,7 +102,8 @@ def from_ds_config(ds_config: dict | None) -> InterlockingConfig:
         return InterlockingConfig()
     if not isinstance(block, dict):
         raise InterlockingConfigError(f'"{BLOCK}": expected an object, got {type(block).__name__}')
-    known = {"k", "combine", "aux_loss_weight", "schedule", "clip_scope", "report", "p2p_timeout_s"}
+    known = {"k", "combine", "aux_loss_weight", "schedule", "clip_scope", "report", "p2p_timeout_s",
+             "batch_input_grads"}
     unknown = sorted(set(block) - known)
     if unknown:
         raise InterlockingConfigError(
@@ -129,6 +131,10 @@ def from_ds_config(ds_config: dict | None) -> InterlockingConfig:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
                                 or not timeout > 0 or timeout == float("inf")):
         _fail("p2p_timeout_s", f"expected a number of seconds > 0 (or null for DeepSpeed's default), got {timeout!r}")
+    batch = block.get("batch_input_grads", False)
+    if not (isinstance(batch, bool) or batch == "auto"):
+        _fail("batch_input_grads", f'expected true, false or "auto", got {batch!r}')
     return InterlockingConfig(k=k, combine=combine, aux_loss_weight=float(w),
                               schedule=schedule, clip_scope=clip_scope, report=report,
-                              p2p_timeout_s=None if timeout is None else float(timeout))
+                              p2p_timeout_s=None if timeout is None else float(timeout),
+                              batch_input_grads=batch)

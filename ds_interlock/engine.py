@@ -64,7 +64,8 @@ class InterlockingPipelineEngine(PipelineEngine):
             aux_loss_fn=self.module.aux_loss_fn, aux_loss_weight=self.interlocking.aux_loss_weight,
             params=self.module.stage_parameters(), transport=self.transport,
             hooks=StageHooks(load=self._load_micro_batch, autocast=lambda: autocast_if_enabled(self),
-                             param_grad_section=self._param_grad_section))
+                             param_grad_section=self._param_grad_section),
+            batch_input_grads=self.interlocking.batch_input_grads)
         self._batch_actions = {"reduce_tied": self._exec_reduce_tied_grads,
                                "reduce_grads": self._exec_reduce_grads,
                                "step": self._exec_optimizer_step}

@@ -246,7 +246,8 @@ class InProcessPipeline:
                           aux_loss_weight=self.interlocking.aux_loss_weight,
                           params=list(stages[s].parameters()), transport=self.transport.for_stage(s),
                           hooks=StageHooks(load=self._loader(s), autocast=self._autocast,
-                                           param_grad_section=self._param_grad_section))
+                                           param_grad_section=self._param_grad_section),
+                          batch_input_grads=self.interlocking.batch_input_grads)
             for s in range(S)]
         self._orders: dict = {}
         self._data: Optional[Iterator] = None

@@ -18,6 +18,7 @@ Components are never summed before they leave a stage: each has its own remainin
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Optional, Protocol, Sequence
@@ -120,6 +121,7 @@ class RunContext:
     eval_logits: Optional[list] = None               # last stage, eval: outputs per micro-batch
     profile: Optional[list] = None                   # (op, mb, loss, start, end) per action
     meter: Any = None                                # profile.ActivationMeter while profiling
+    queued: list = field(default_factory=list)       # input_grad actions to batch: (mb, loss, profile index)
 
     def clock(self) -> float:
         """Profiling time stamp; on a GPU after the queued work is done (else it times launches only)."""
@@ -133,7 +135,8 @@ class StageExecutor:
 
     def __init__(self, stage_id: int, routing: Routing, forward: Callable, loss_fn: Optional[Callable],
                  head: Optional[torch.nn.Module], aux_loss_fn: Optional[Callable], aux_loss_weight: float,
-                 params: list[Tensor], transport: Transport, hooks: Optional[StageHooks] = None) -> None:
+                 params: list[Tensor], transport: Transport, hooks: Optional[StageHooks] = None,
+                 batch_input_grads: Any = False) -> None:
         self.stage_id = stage_id
         self.routing = routing
         self.forward_fn = forward
@@ -150,6 +153,12 @@ class StageExecutor:
                           "send_act": self._send_act, "recv_grad": self._recv_grad,
                           "input_grad": self._input_grad, "weight_grad": self._weight_grad,
                           "send_grad": self._send_grad}
+        # False, True or "auto" (config.py): consecutive input_grad actions of one micro-batch in one
+        # autograd.grad(..., is_grads_batched=True) call; "auto" times both ways first, then keeps the faster
+        self.batch_input_grads = batch_input_grads
+        self.batched_calls = 0      # batched calls made, each computing >= 2 input-gradient chains
+        self.batched_chains = 0     # chains computed by them
+        self._auto: dict = {}       # "auto": chains per call -> ([separate s], [batched s]) or the choice (bool)
 
     # ------------------------------------------------------------------ running
     def start(self, training: bool, micro_batches: int, device: Any, eval_logits: bool = False,
@@ -160,6 +169,8 @@ class StageExecutor:
 
     def execute(self, action: Action, ctx: RunContext) -> None:
         """One action of this stage's schedule (per-batch actions belong to the host)."""
+        if ctx.queued and not (action.op == "input_grad" and action.mb == ctx.queued[0][0]):
+            self._flush_input_grads(ctx)     # the run of batched chains ended: compute them now
         if ctx.profile is None:
             self._dispatch[action.op](action, ctx)
             return
@@ -292,10 +303,81 @@ class StageExecutor:
         return [r for r, _ in pairs], [g for _, g in pairs]
 
     def _input_grad(self, act: Action, ctx: RunContext) -> None:
-        st = ctx.mbs[act.mb]
-        roots, grads = self._backward_pairs(st, st.comps[act.loss])
-        got = torch.autograd.grad(roots, st.leaves, grads, retain_graph=True, allow_unused=True)
-        st.in_grads[act.loss] = grads_or_zeros(got, st.leaves)
+        if self.batch_input_grads:
+            # wait: the next actions may be more chains of this micro-batch (execute() flushes at any other)
+            ctx.queued.append((act.mb, act.loss, -1 if ctx.profile is None else len(ctx.profile)))
+            return
+        self._input_grads_separately(ctx.mbs[act.mb], [act.loss])
+
+    def _input_grads_separately(self, st: MicroBatch, losses: list[int]) -> None:
+        for j in losses:
+            roots, grads = self._backward_pairs(st, st.comps[j])
+            got = torch.autograd.grad(roots, st.leaves, grads, retain_graph=True, allow_unused=True)
+            st.in_grads[j] = grads_or_zeros(got, st.leaves)
+
+    def _input_grads_batched(self, st: MicroBatch, losses: list[int]) -> None:
+        """Several chains of one graph (same roots and leaves, other grad_outputs) in one vmapped call."""
+        pairs = [self._backward_pairs(st, st.comps[j]) for j in losses]
+        roots = pairs[0][0]
+        stacked = [torch.stack([grads[i] for _, grads in pairs]) for i in range(len(roots))]
+        got = torch.autograd.grad(roots, st.leaves, stacked, retain_graph=True, allow_unused=True,
+                                  is_grads_batched=True)
+        for n, j in enumerate(losses):
+            st.in_grads[j] = grads_or_zeros([None if g is None else g[n] for g in got], st.leaves)
+        self.batched_calls += 1
+        self.batched_chains += len(losses)
+
+    def _flush_input_grads(self, ctx: RunContext) -> None:
+        """The queued chains (consecutive input_grad actions of one micro-batch), batched when asked."""
+        queued, ctx.queued = ctx.queued, []
+        st, losses = ctx.mbs[queued[0][0]], [j for _, j, _ in queued]
+        t0 = ctx.clock() if ctx.profile is not None else 0.0
+        batched = len(losses) > 1 and self._batch_now(len(losses))
+        if batched is None:          # "auto", still measuring: one way, timed
+            batched = self._auto_trial(st, losses, ctx)
+        elif batched:
+            try:
+                self._input_grads_batched(st, losses)
+            except RuntimeError as exc:  # an op without a vmap rule: separate calls from now on
+                warnings.warn(f"stage {self.stage_id}: batched input gradients failed ({exc}); "
+                              "computing them one by one", RuntimeWarning)
+                self.batch_input_grads = False
+                self._input_grads_separately(st, losses)
+        else:
+            self._input_grads_separately(st, losses)
+        if ctx.profile is not None:  # each queued input_grad gets an equal share of the time
+            t1, n = ctx.clock(), len(queued)
+            for i, (_, _, at) in enumerate(queued):
+                op, mb, loss = ctx.profile[at][:3]
+                ctx.profile[at] = (op, mb, loss, t0 + (t1 - t0) * i / n, t0 + (t1 - t0) * (i + 1) / n)
+
+    AUTO_TRIALS = 3     # "auto": timed calls each way per chain count before choosing
+
+    def _batch_now(self, n: int) -> Optional[bool]:
+        if self.batch_input_grads != "auto":
+            return bool(self.batch_input_grads)
+        choice = self._auto.get(n)
+        return choice if isinstance(choice, bool) else None
+
+    def _auto_trial(self, st: MicroBatch, losses: list[int], ctx: RunContext) -> bool:
+        separate, batched = self._auto.setdefault(len(losses), ([], []))
+        way = len(batched) < len(separate)
+        sync = (lambda: torch.cuda.synchronize(ctx.loss_sum.device)) if ctx.loss_sum.is_cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        try:
+            (self._input_grads_batched if way else self._input_grads_separately)(st, losses)
+        except RuntimeError:
+            if not way:
+                raise
+            self._auto[len(losses)] = False     # batching does not work for this stage: never again
+            self._input_grads_separately(st, losses)
+            return False
+        sync()
+        (batched if way else separate).append(time.perf_counter() - t0)
+        if len(batched) >= self.AUTO_TRIALS:
+            self._auto[len(losses)] = min(batched) < min(separate)
+        return way
 
     def _weight_grad(self, act: Action, ctx: RunContext) -> None:
         st = ctx.mbs[act.mb]

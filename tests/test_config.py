@@ -57,3 +57,15 @@ def test_start_up_line_says_what_is_trained():
     line = describe(from_ds_config({"interlocking": {"k": "3wise"}}), 2, True)
     assert "k=2 (global)" in line and "more than the 2 stages" in line
     assert "no aux heads" in describe(from_ds_config({}), 4, False)
+
+
+@pytest.mark.parametrize("value", [True, False, "auto"])
+def test_batch_input_grads_values(value):
+    assert from_ds_config({"interlocking": {"k": 2, "batch_input_grads": value}}).batch_input_grads == value
+    assert from_ds_config({"interlocking": {"k": 2}}).batch_input_grads is False
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", "Auto", None, "true"])
+def test_batch_input_grads_bad_values_name_the_key(value):
+    with pytest.raises(InterlockingConfigError, match=r'"interlocking\.batch_input_grads": expected true, false or "auto"'):
+        from_ds_config({"interlocking": {"k": 2, "batch_input_grads": value}})

@@ -4,6 +4,7 @@ This is the gradient matrix: 2, 3 and 4 stages, every k, both combine modes, bot
 schedules, aux weights, tied layers, activation checkpointing, several SGD steps. The
 multi-process tests (test_engine.py) keep what needs process groups.
 """
+import contextlib
 import math
 
 import pytest
@@ -223,3 +224,111 @@ def test_a_device_per_stage_and_bad_input():
                                 optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0))
     assert derived.micro_batches == 3 == derived.gradient_accumulation_steps()
     assert derived.train_micro_batch_size_per_gpu() == 2
+
+
+# ---------------------------------------------------------------- batched input-gradient chains
+def batch_step(S, k, combine, schedule, batch, M=2, w=1.0, ckpt=0, steps=1, around=None):
+    """Pipeline steps with "batch_input_grads" set, and the reference's error (``around``: a context
+    for the pipeline's train_batch calls only)."""
+    block = {"k": k, "combine": combine, "aux_loss_weight": w, "schedule": schedule, "batch_input_grads": batch}
+    pipe = make(S, k, combine, M, w, ckpt=ckpt, schedule=schedule, extra={"interlocking": block})
+    params = None
+    for step in range(steps):
+        batches = [[tm.batch(step, 0, m) for m in range(M)]]
+        init, params = ref.reference_step(tm.layer_specs(), parts_of(pipe), pipe.routing.k, combine, w, batches,
+                                          start=params)
+        with around() if around else contextlib.nullcontext():
+            pipe.train_batch(iter(batches[0]))
+    return pipe, worst_error(pipe, init, params)
+
+
+def batchable_runs(schedule, s):
+    """Runs of >= 2 consecutive input_grad actions of one micro-batch in stage s's list."""
+    runs, cur = [], []
+    for a in schedule.stages[s]:
+        if a.op == "input_grad" and cur and cur[-1].mb == a.mb:
+            cur.append(a)
+            continue
+        if len(cur) > 1:
+            runs.append(cur)
+        cur = [a] if a.op == "input_grad" else []
+    return runs + ([cur] if len(cur) > 1 else [])
+
+
+BATCH_MATRIX = [(S, k, c, n) for S in (2, 3, 4, 5) for k in range(2, S + 1) for c in ("furthest", "sum")
+                for n in ("1f1b", "interlocked")]
+
+
+@pytest.mark.parametrize("S, k, combine, schedule", BATCH_MATRIX)
+def test_batched_input_grads_match_reference(S, k, combine, schedule):
+    pipe, err = batch_step(S, k, combine, schedule, True, M=3)
+    assert err < TOL
+    from ds_interlock.schedule import train_schedule
+    sched = train_schedule(schedule, pipe.routing, 3)
+    for s, ex in enumerate(pipe.executors):   # every run of consecutive chains was one call, nothing else
+        runs = batchable_runs(sched, s)
+        assert (ex.batched_calls, ex.batched_chains) == (len(runs), sum(len(r) for r in runs)), s
+
+
+@pytest.mark.parametrize("case", [dict(S=4, k=3, combine="sum", schedule="1f1b", ckpt=1, w=0.4),
+                                  dict(S=5, k=3, combine="furthest", schedule="1f1b", steps=2),
+                                  dict(S=4, k=4, combine="sum", schedule="interlocked", ckpt=2)],
+                         ids=lambda c: "_".join(f"{a}{b}" for a, b in c.items()))
+@pytest.mark.parametrize("batch", [True, "auto"])
+def test_batched_input_grads_checkpointing_and_auto(case, batch):
+    _, err = batch_step(**case, batch=batch, M=3)
+    assert err < TOL
+
+
+def test_batching_happens_and_saves_autograd_calls(monkeypatch):
+    """1F1B bundles: every stage's k-1 chains per micro-batch become one call; off, one call per chain;
+    the interlocked order never has two chains of one micro-batch in a row (a receive sits between)."""
+    calls = []
+    real = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(bool(kwargs.get("is_grads_batched")))
+        return real(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def counted():
+        with monkeypatch.context() as m:
+            m.setattr(torch.autograd, "grad", counting)
+            yield
+
+    S, k, M = 4, 3, 3
+    counts = {}
+    for batch in (False, True):
+        calls.clear()
+        pipe, err = batch_step(S, k, "sum", "1f1b", batch, M=M, around=counted)
+        assert err < TOL
+        counts[batch] = (len(calls), sum(calls), sum(ex.batched_calls for ex in pipe.executors))
+    chains = sum(len(pipe.routing.input_chains(s)) for s in range(S)) * M     # 2 per mb on stages 1-3
+    assert counts[False] == (chains, 0, 0)
+    assert counts[True] == (chains // 2, chains // 2, chains // 2)
+    calls.clear()
+    pipe, _ = batch_step(S, k, "sum", "interlocked", True, M=M, around=counted)
+    assert (len(calls), sum(calls)) == (chains, 0)
+    assert all(ex.batched_calls == 0 for ex in pipe.executors)
+
+
+def test_auto_times_both_ways_then_chooses():
+    pipe, err = batch_step(4, 3, "sum", "1f1b", "auto", M=4, steps=2)
+    assert err < TOL
+    ex = pipe.executors[1]
+    assert ex._auto == {2: ex._auto[2]} and isinstance(ex._auto[2], bool)   # 8 groups: 3 + 3 timed, then chosen
+    assert ex.batched_calls >= ex.AUTO_TRIALS
+
+
+def test_batched_profile_shares_the_call_time():
+    pipe = make(4, 3, "sum", M=2, schedule="1f1b", extra={"interlocking": {"k": 3, "combine": "sum",
+                                                                           "schedule": "1f1b",
+                                                                           "batch_input_grads": True}})
+    pipe.profile = [[] for _ in range(4)]
+    pipe.train_batch(iter([tm.batch(0, 0, m) for m in range(2)]))
+    for s in (1, 2):      # the last stage's one chain rides with its weight chain
+        recs = pipe.profile[s]
+        assert [r[0] for r in recs].count("input_grad") == 2 * 2
+        assert all(b <= e for _, _, _, b, e in recs)
+        assert all(a[4] <= b[3] + 1e-9 for a, b in zip(recs, recs[1:]) if a[0] != "aux_head" != b[0])
+        assert all(e > b for op, _, _, b, e in recs if op == "input_grad")
