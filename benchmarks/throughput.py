@@ -193,10 +193,11 @@ def worker(args):
 
 
 def min_costs(records):
-    """Receives block while the sender works: their shortest duration is the transfer itself."""
+    """Receives (and DeepSpeed's blocking sends) wait while the peer works: their shortest duration is
+    the transfer itself."""
     best = {}
     for op, _, _, b, e in records:
-        if op.startswith("recv"):
+        if op.lower().startswith(("recv", "send")):
             best[op] = min(best.get(op, float("inf")), e - b)
     return best
 
@@ -224,6 +225,65 @@ def report(data, stages):
     return rows
 
 
+# DeepSpeed's instruction names (instrument_stock) -> our action names, for the simulator
+STOCK_OPS = {"OptimizerStep": "step", "ReduceGrads": "reduce_grads", "ReduceTiedGrads": "reduce_tied",
+             "LoadMicroBatch": "load", "SendActivation": "send_act", "RecvActivation": "recv_act",
+             "SendGrad": "send_grad", "RecvGrad": "recv_grad"}
+
+
+def measured_cost_table(rounds, stages):
+    """Per stage and action: the median over rounds of the mean duration; messages take their shortest
+    duration (the transfer: a receive also waits for its sender, which the simulator adds itself)."""
+    table = {}
+    for s in range(stages):
+        ops = {}
+        for rnd in rounds:
+            summ = rnd[s]
+            for op, sec in summ["costs"].items():
+                name = STOCK_OPS.get(op, op)
+                transfer = name.startswith(("recv", "send"))
+                ops.setdefault(name, []).append(summ["min_costs"].get(op, sec) if transfer else sec)
+        table[str(s)] = {op: statistics.median(v) for op, v in ops.items()}
+    return {"per_stage": table, "unit": "s"}
+
+
+def predict(data, args):
+    """Step time per batch the simulator predicts from each mode's own measured action costs, next to
+    the measured one. With more processes than cores an action's wall time includes the time its process
+    waited for a core, so there the prediction tests the schedule's timing, not the cost of the work."""
+    from ds_interlock.config import K_NAMES
+    from ds_interlock.routing import Routing
+    from ds_interlock.schedule import one_f_one_b, plan
+    from ds_interlock.simulate import cost_from_json, simulate
+    S, M, cores = args.stages, args.micro_batches, os.cpu_count() or 1
+    rows = []
+    for mode, r in data["modes"].items():
+        if not r["stages"] or not r["stages"][0][0]["costs"]:
+            continue                                   # --no_profile: nothing measured per action
+        costs = measured_cost_table(r["stages"], S)
+        # every head this run built ran inside its stage's forward (probes of k = "global" too)
+        folded = {st: {op: sec + (ops.get("aux_head", 0.0) if op == "forward" else 0.0)
+                       for op, sec in ops.items() if op != "aux_head"} for st, ops in costs["per_stage"].items()}
+        cost = cost_from_json({"per_stage": folded})
+        block = MODES[mode]
+        if block is None:
+            sched, flush = one_f_one_b(Routing(S, S, "furthest"), M), True
+        else:
+            k = S if block["k"] == "global" else min(K_NAMES[block["k"]], S)   # k > S acts as S
+            sched, flush = plan("train", args.schedule, Routing(S, k, "furthest"), M), False
+        predicted = simulate(sched, cost=cost, batches=6, flush=flush).step_time
+        measured = statistics.median(data["tokens_per_batch"] / t for t in r["tokens_per_s"])
+        rows.append({"mode": mode, "measured_s": measured, "predicted_s": predicted,
+                     "predicted_over_measured": predicted / measured, "costs": costs})
+    if rows:
+        print(f"\nprediction from measured action costs (s per batch; {S * args.dp} processes on {cores} cores)")
+        print(f"{'mode':15s} {'measured':>9s} {'predicted':>9s} {'pred/meas':>9s}")
+        for row in rows:
+            print(f"{row['mode']:15s} {row['measured_s']:9.3f} {row['predicted_s']:9.3f} "
+                  f"{row['predicted_over_measured']:9.2f}")
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
@@ -246,6 +306,7 @@ def main(argv=None):
         with open(tmp_json) as f:
             data = json.load(f)
     data["summary"] = report(data, args.stages)
+    data["prediction"] = predict(data, args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

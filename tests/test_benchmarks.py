@@ -25,6 +25,13 @@ def test_throughput_benchmark_runs(tmp_path):
     measured = json.loads(costs.read_text())
     assert set(measured["per_stage"]) == {"0", "1"}
     assert measured["per_stage"]["1"]["weight_grad"] > 0 and measured["per_stage"]["0"]["forward"] > 0
+    # the aux head is measured apart from the stage's forward
+    assert measured["per_stage"]["0"]["aux_head"] > 0
+    # the simulator predicts each mode's step time from that mode's own measured costs
+    pred = {row["mode"]: row for row in data["prediction"]}
+    assert set(pred) == {"stock", "3wise"}
+    for row in pred.values():
+        assert row["measured_s"] > 0 and 0.2 < row["predicted_over_measured"] < 5
     # the simulator accepts the measured costs
     from ds_interlock.simulate import cost_from_json
     cost = cost_from_json(str(costs))
