@@ -187,7 +187,10 @@ def worker(args):
             out["measured_costs"] = {"per_stage": {str(s): dict(summ["costs"], **{k: v for k, v in summ["min_costs"].items()
                                                                                    if k.startswith("recv")})
                                                    for s, d, summ in costs_records if d == 0},
-                                     "mode": costs_mode, "unit": "s"}
+                                     "mode": costs_mode, "unit": "s",
+                                     # one activation (or its gradient) between stages, per micro-batch
+                                     "message_bytes": args.micro_batch * args.seq_len * parts.config.hidden_size
+                                     * (2 if args.bf16 else 4)}
         with open(args.json_tmp, "w") as f:
             json.dump(out, f)
 

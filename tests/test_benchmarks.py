@@ -25,6 +25,7 @@ def test_throughput_benchmark_runs(tmp_path):
     measured = json.loads(costs.read_text())
     assert set(measured["per_stage"]) == {"0", "1"}
     assert measured["per_stage"]["1"]["weight_grad"] > 0 and measured["per_stage"]["0"]["forward"] > 0
+    assert measured["message_bytes"] == 4 * 64 * 64 * 4      # micro-batch x sequence x d_model x fp32
     # the aux head is measured apart from the stage's forward
     assert measured["per_stage"]["0"]["aux_head"] > 0
     # the simulator predicts each mode's step time from that mode's own measured costs
