@@ -82,10 +82,12 @@ def local_needs(routing, stage: int, action, done: set) -> str | None:
     return None   # load, recv_act, per-batch actions (their place is checked by _check_complete)
 
 
-def replay(schedule, cost=unit_cost, flush: bool = True, transport: str = "gloo", layout: str = "channel") -> Trace:
+def replay(schedule, cost=unit_cost, flush: bool = True, transport: str = "gloo", layout: str = "channel",
+           latency: float = 0.0) -> Trace:
     """``flush``: the optimizer step is a barrier across stages (DeepSpeed's global
     gradient clipping and loss broadcast); False: steps are stage-local, so batch b+1
-    may start on a stage while later stages still drain batch b.
+    may start on a stage while later stages still drain batch b. ``latency``: every
+    message arrives that long after its send ends (neither rank is busy meanwhile).
 
     ``transport``: "gloo" replays with buffered sends (the rules above); "nccl" also runs
     the schedule, as the engine issues it over ``layout``, through the model of NCCL's
@@ -100,7 +102,7 @@ def replay(schedule, cost=unit_cost, flush: bool = True, transport: str = "gloo"
     pos = [0] * S
     clock = [0.0] * S
     done = [set() for _ in range(S)]
-    sent = defaultdict(deque)   # channel -> deque of (mb, loss, time sent)
+    sent = defaultdict(deque)   # channel -> deque of (mb, loss, arrival time)
     live, peak = [0] * S, [0] * S
     trace = Trace(schedule)
     _check_complete(schedule)
@@ -134,7 +136,7 @@ def replay(schedule, cost=unit_cost, flush: bool = True, transport: str = "gloo"
                     start = max(arrived.values())
                 end = start + cost(s, act)
                 if act.op.startswith("send"):
-                    sent[ch].append((act.mb, act.loss, end))
+                    sent[ch].append((act.mb, act.loss, end + latency))
                 if act.op == "forward":
                     live[s] += 1
                     peak[s] = max(peak[s], live[s])

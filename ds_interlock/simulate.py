@@ -15,12 +15,11 @@ stage. Other libraries' global schedules (rank_order.py, library_schedules.py) a
 """
 import json
 import os
-from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from .actions import COMPUTE, unit_cost
 from .rank_order import RankOrder, task_cost, time_order
-from .replay import Trace, channel, replay
+from .replay import replay
 
 COLORS = {"forward": "#4c72b0", "input_grad": "#dd8452", "weight_grad": "#55a868",
           "backward": "#2e7d4f", "weight": "#55a868", "recompute": "#9fb6d9"}
@@ -166,56 +165,6 @@ def stage_work(schedule, cost=unit_cost):
     return [sum(cost(s, a) for a in acts) / B for s, acts in enumerate(schedule.stages)]
 
 
-def time_schedule(schedule, cost=unit_cost, flush=True, latency=0.0):
-    """replay()'s timing with every message arriving ``latency`` after its send ends.
-
-    Timing only: replay() is what checks a schedule (simulate runs it first). At latency 0
-    the events are replay's own (tests hold them equal)."""
-    S = schedule.routing.num_stages
-    lists = [schedule.for_stage(s) for s in range(S)]
-    pos, clock = [0] * S, [0.0] * S
-    sent = defaultdict(deque)              # channel -> arrival times, in send order
-    at_step, steps_done = {}, [0] * S
-    trace = Trace(schedule)
-    progress = True
-    while progress:
-        progress = False
-        for s in range(S):
-            while pos[s] < len(lists[s]):
-                act = lists[s][pos[s]]
-                start = clock[s]
-                if act.op.startswith("recv"):
-                    queue = sent[channel(s, act, S)]
-                    if not queue:
-                        break
-                    start = max(start, queue.popleft())
-                if act.op == "step" and flush:
-                    arrived = at_step.setdefault(steps_done[s], {})
-                    arrived[s] = clock[s]
-                    if len(arrived) < S:
-                        break
-                    start = max(arrived.values())
-                end = start + cost(s, act)
-                if act.op.startswith("send"):
-                    sent[channel(s, act, S)].append(end + latency)
-                steps_done[s] += act.op == "step"
-                clock[s] = end
-                trace.events.append((s, act, start, end))
-                pos[s] += 1
-                progress = True
-    trace.makespan = max(clock) if clock else 0.0
-    return trace
-
-
-def _timed(schedule, cost, flush, latency):
-    trace = replay(schedule, cost=cost, flush=flush)        # the checks, and peak memory
-    if latency:
-        timed = time_schedule(schedule, cost, flush, latency)
-        timed.peak_live = trace.peak_live
-        return timed
-    return trace
-
-
 def simulate(schedule, cost=unit_cost, batches=1, flush=True, name=None, latency=0.0):
     """Replay ``batches`` back-to-back batches of a one-batch schedule and summarize.
 
@@ -228,8 +177,9 @@ def simulate(schedule, cost=unit_cost, batches=1, flush=True, name=None, latency
     if schedule.batches != 1:
         raise ValueError("simulate() takes a one-batch schedule; use batches= to repeat it")
     cost = charge_aux_heads(cost, schedule.routing)
-    trace = _timed(schedule.repeat(batches), cost, flush, latency)
-    two = (lambda: _timed(schedule.repeat(2), cost, flush, latency).makespan) if batches >= 3 else None
+    trace = replay(schedule.repeat(batches), cost=cost, flush=flush, latency=latency)
+    two = (lambda: replay(schedule.repeat(2), cost=cost, flush=flush, latency=latency).makespan) \
+        if batches >= 3 else None
     return _summary(name or schedule.name, schedule, flush, batches, cost, trace, two,
                     stage_work(schedule, cost), latency)
 

@@ -11,7 +11,7 @@ from ds_interlock.rank_order import RankOrder, Task, cap_memory, check_complete,
 from ds_interlock.replay import ScheduleError, replay
 from ds_interlock.routing import Routing
 from ds_interlock.schedule import interlocked, one_f_one_b
-from ds_interlock.simulate import simulate, simulate_order, time_schedule, unit_costs
+from ds_interlock.simulate import simulate, simulate_order, unit_costs
 
 SHAPES = [(S, M) for S in (4, 8) for M in (4, 8, 16, 32)]
 
@@ -130,11 +130,21 @@ def test_cap_memory_recomputes_what_does_not_fit():
     assert res.step_time > steady(order)
 
 
-def test_time_schedule_is_replay_at_zero_latency():
+def test_replay_latency_delays_each_receive():
     for S, k, combine, M in [(4, 2, "furthest", 8), (4, 3, "sum", 4), (8, 3, "furthest", 8), (8, 8, "sum", 5)]:
         sched = interlocked(Routing(S, k, combine), M).repeat(3)
         for flush in (True, False):
-            assert time_schedule(sched, flush=flush).events == replay(sched, flush=flush).events
+            assert replay(sched, flush=flush, latency=0.0).events == replay(sched, flush=flush).events
+            events = replay(sched, flush=flush, latency=0.5).events
+            sends = {}
+            for s, act, start, end in events:
+                if act.op.startswith("send"):
+                    sends.setdefault((s, act.op, act.mb, act.loss), []).append(end)
+            for s, act, start, end in events:
+                if act.op.startswith("recv"):
+                    src = s - 1 if act.op == "recv_act" else s + 1
+                    sent = sends[(src, "send_act" if act.op == "recv_act" else "send_grad", act.mb, act.loss)]
+                    assert start >= min(sent) + 0.5 - 1e-9
 
 
 def test_latency_delays_messages_not_compute():
